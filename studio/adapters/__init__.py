@@ -1,0 +1,59 @@
+"""Adapters: one module per parametrisation, all with the same interface, chosen by name.
+
+Each run's adapter folder holds the weights and `adapter.yaml`, which says what the weights are
+(kind, base model, trigger token, class word, whether a scale applies), so the playground and the
+evaluation can load any run, the CLI's included, without its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from studio.adapters import lora
+from studio.errors import StudioError
+from studio.paths import ADAPTER_META
+
+ADAPTERS = {lora.KIND: lora}
+
+
+@dataclass
+class AdapterMeta:
+    kind: str
+    base_model: str
+    token: str
+    class_word: str
+    step: int
+    has_scale: bool = True
+    rank: int | None = None
+    alpha: float | None = None
+
+
+def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
+    (Path(adapter_dir) / ADAPTER_META).write_text(yaml.safe_dump(asdict(meta), sort_keys=False), encoding="utf-8")
+
+
+def read_meta(adapter_dir: Path) -> AdapterMeta:
+    path = Path(adapter_dir) / ADAPTER_META
+    if not path.exists():
+        raise StudioError(f"'{adapter_dir}' holds no trained adapter (no {ADAPTER_META}); "
+                          "pick a run that has finished or been cancelled.")
+    return AdapterMeta(**yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def module_for(kind: str):
+    if kind not in ADAPTERS:
+        raise StudioError(f"Adapter kind '{kind}' is not supported; supported kinds: {', '.join(ADAPTERS)}.")
+    return ADAPTERS[kind]
+
+
+def find_adapter_dir(path: Path) -> Path:
+    """Accept a run folder, its adapter/ folder or a checkpoint folder."""
+    path = Path(path)
+    if (path / ADAPTER_META).exists():
+        return path
+    if (path / "adapter" / ADAPTER_META).exists():
+        return path / "adapter"
+    raise StudioError(f"No trained adapter found in '{path}'; give a run folder whose training has finished.")

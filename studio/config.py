@@ -1,0 +1,184 @@
+"""Typed training configuration: defaults here, presets (YAML) merged over them, then overrides.
+
+Unknown keys are errors (a misspelt key that is silently ignored is a feature never applied), and
+every error names the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from studio.errors import StudioError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+Method = Literal["lora"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+LRSchedule = Literal["constant", "cosine"]
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _help("Base model: a hub id, a local diffusers folder, or 'builtin'. Empty: the default.", "")
+    dataset: str = _help("Dataset folder written by the Dataset tab or `studio prep`.", "")
+    method: Method = _help("What trains. 'lora': low-rank adapters on the UNet attention.", "lora")
+    rank: int = _help("LoRA rank r: adapter size and capacity.", 8)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank.", 8.0)
+    target_modules: list[str] = _help("UNet module names that get adapters.",
+                                      factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    learning_rate: float = _help("AdamW learning rate.", 1e-4)
+    lr_schedule: LRSchedule = _help("Learning-rate schedule after warm-up.", "constant")
+    lr_warmup_steps: int = _help("Linear warm-up from 0 over this many steps.", 0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
+    steps: int = _help("Number of optimizer steps.", 200)
+    batch_size: int = _help("Images per step.", 1)
+    seed: int = _help("Seed for weights init, data order and noise.", 0)
+    resolution: int = _help("Training resolution in pixels; 0 takes the dataset's.", 0)
+    mixed_precision: MixedPrecision = _help(
+        "'auto': bf16 on GPUs that support it, else fp16 on GPU, full precision on CPU.", "auto")
+    sample_every: int = _help("Render sample images every N steps (0: only at the end).", 50)
+    sample_prompts: list[str] = _help("Prompts for samples; {token} and {class} are filled in.",
+                                      factory=lambda: ["a photo of {token} {class}"])
+    sample_steps: int = _help("Denoising steps per sample image.", 20)
+    checkpoint_every: int = _help("Save a checkpoint every N steps (0: none besides the final adapter).", 0)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        positive = ("rank", "alpha", "learning_rate", "steps", "batch_size", "sample_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise StudioError(f"Setting '{name}' must be greater than 0, got {getattr(self, name)!r}.")
+        for name in ("lr_warmup_steps", "sample_every", "checkpoint_every", "max_grad_norm", "seed"):
+            if getattr(self, name) < 0:
+                raise StudioError(f"Setting '{name}' must be 0 or more, got {getattr(self, name)!r}.")
+        if self.resolution and (self.resolution < 32 or self.resolution % 8):
+            raise StudioError(
+                f"Setting 'resolution' must be 0 or a multiple of 8 of at least 32, got {self.resolution}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for name, tp in _field_types().items():
+        value = getattr(cfg, name)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, name, float(value))
+        elif not _type_ok(value, tp):
+            raise StudioError(f"Setting '{name}' must be {_describe(tp)}, got {value!r}.")
+
+
+def coerce(name: str, text: str) -> Any:
+    """Turn the text of `--set name=text` into the field's type, or explain why not."""
+    types_ = _field_types()
+    if name not in types_:
+        raise StudioError(f"Unknown setting '{name}'; known settings are: {', '.join(sorted(types_))}.")
+    tp = types_[name]
+    try:
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if typing.get_origin(tp) in (list, tuple):
+            value = yaml.safe_load(text)
+            return value if isinstance(value, list) else [s.strip() for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise StudioError(f"Setting '{name}' must be {_describe(tp)}, got {text!r}.") from None
+    return text
+
+
+def merge(base: dict[str, Any], updates: dict[str, Any], source: str) -> dict[str, Any]:
+    known = set(_field_types())
+    unknown = sorted(set(updates) - known)
+    if unknown:
+        raise StudioError(f"Unknown setting '{unknown[0]}' in {source}; known settings are: {', '.join(sorted(known))}.")
+    return {**base, **updates}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise StudioError(f"Preset '{name_or_path}' was not found; available presets: {', '.join(list_presets())}.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise StudioError(f"Preset file {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from None
+    if not isinstance(data, dict):
+        raise StudioError(f"Preset file {path} must hold 'key: value' lines.")
+    return data
+
+
+def build_config(preset: str | None = None, values: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then explicit values, then `key=value` overrides, checked at each layer."""
+    merged: dict[str, Any] = {}
+    if preset:
+        merged = merge(merged, load_preset(preset), f"preset '{preset}'")
+    merged = merge(merged, values or {}, "the given settings")
+    for item in overrides or []:
+        if "=" not in item:
+            raise StudioError(f"Override '{item}' must look like key=value.")
+        key, text = item.split("=", 1)
+        merged = merge(merged, {key.strip(): coerce(key.strip(), text.strip())}, "--set")
+    return TrainConfig(**merged)
+
+
+def save_config(cfg: TrainConfig | dict[str, Any], path: Path) -> None:
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -1,0 +1,1 @@
+"""Photos in, dataset folder out: validation, orientation, cropping, captions, the training Dataset."""

@@ -1,0 +1,146 @@
+"""Workspace: the only module that knows the folder layout and file names.
+
+    workspace/
+      datasets/<name>/   images/0001.png + 0001.txt, dataset.yaml
+      runs/<run_id>/     config.yaml, events.jsonl, samples/, checkpoints/, adapter/, eval/
+      evals/<name>/      results.csv of evaluations that span several runs
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASET_FILE = "dataset.yaml"
+RUN_CONFIG = "config.yaml"
+EVENTS = "events.jsonl"
+ADAPTER_META = "adapter.yaml"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+RESULTS_CSV = "results.csv"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("STUDIO_WORKSPACE", "workspace")).resolve()
+
+
+def safe_name(name: str, fallback: str = "untitled", max_len: int = 64) -> str:
+    """A name that is safe as one folder or file stem: no separators, no dots first, ASCII only."""
+    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
+    return text[:max_len] or fallback
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / DATASET_FILE
+
+    def image(self, index: int) -> Path:
+        return self.images / f"{index:04d}.png"
+
+    def caption(self, image: Path) -> Path:
+        return image.with_suffix(".txt")
+
+    def image_files(self) -> list[Path]:
+        if not self.images.is_dir():
+            return []
+        return sorted(p for p in self.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / RUN_CONFIG
+
+    @property
+    def events(self) -> Path:
+        return self.root / EVENTS
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def sample(self, step: int, index: int) -> Path:
+        return self.samples / f"step-{step:06d}-{index}.png"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def default(cls) -> "Workspace":
+        return cls(default_root())
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "evals"
+
+    def dataset(self, name: str) -> DatasetPaths:
+        return DatasetPaths(self.datasets / safe_name(name, "dataset"))
+
+    def run(self, run_id: str) -> RunPaths:
+        return RunPaths(self.runs / safe_name(run_id, "run"))
+
+    def new_run_id(self, label: str) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = f"{stamp}-{safe_name(label, 'run', 32)}"
+        run_id, n = base, 1
+        while (self.runs / run_id).exists():
+            n += 1
+            run_id = f"{base}-{n}"
+        return run_id
+
+    def list_datasets(self) -> list[str]:
+        if not self.datasets.is_dir():
+            return []
+        return sorted(p.name for p in self.datasets.iterdir() if (p / DATASET_FILE).exists())
+
+    def list_runs(self) -> list[str]:
+        """Run ids, newest first; any folder with a config.yaml counts (CLI runs included)."""
+        if not self.runs.is_dir():
+            return []
+        runs = [p for p in self.runs.iterdir() if (p / RUN_CONFIG).exists()]
+        return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
