@@ -1,0 +1,184 @@
+"""Command line: python -m studio {prep,train,generate,evaluate,builtin-model,ui}.
+
+The same core functions the UI calls. Errors a user can cause print one sentence and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studio", description="Concept Studio: teach Stable Diffusion a concept.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prep", help="turn a folder of photos into a dataset folder")
+    prep.add_argument("src", type=Path)
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--token", required=True, help="trigger word, e.g. sks")
+    prep.add_argument("--class-word", required=True, help="what the concept is, e.g. 'stuffed animal'")
+    prep.add_argument("--resolution", type=int, default=512)
+    prep.add_argument("--template", default="a photo of {token} {class}")
+    prep.set_defaults(func=cmd_prep)
+
+    train = sub.add_parser("train", help="train an adapter; prints progress")
+    train.add_argument("--model", default="", help="hub id, local diffusers folder, or 'builtin'")
+    train.add_argument("--dataset", required=True, type=Path)
+    train.add_argument("--method", default=None)
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--out", type=Path, required=True, help="run folder to create")
+    train.add_argument("--preset", default=None)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="render one image with the base model and adapters")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--adapter", action="append", default=[], metavar="RUN_DIR[:SCALE]")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--out", type=Path, required=True)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="image and prompt similarity of runs against baselines")
+    ev.add_argument("--model", default="")
+    ev.add_argument("--runs", nargs="+", default=[], type=Path)
+    ev.add_argument("--dataset", required=True, type=Path)
+    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--clip", default="", help="CLIP model id or folder (default openai/clip-vit-base-patch32, or 'builtin')")
+    ev.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--scale", type=float, default=1.0)
+    ev.add_argument("--context", action="append", default=None, help="context such as 'in a forest' (repeatable)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    bm = sub.add_parser("builtin-model", help="write the built-in model as a diffusers folder")
+    bm.add_argument("out", type=Path)
+    bm.set_defaults(func=cmd_builtin)
+
+    ui = sub.add_parser("ui", help="start the studio in the browser")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true")
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def cmd_prep(args) -> int:
+    from studio.data.dataset import prep_folder
+
+    spec, problems = prep_folder(args.src, args.out, args.token, args.class_word, args.resolution, args.template)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"Wrote {len(spec.items)} images to {args.out} ({args.resolution}px, captions like "
+          f"'{spec.items[0].caption}').")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from studio import events
+    from studio.config import build_config
+    from studio.train import run
+
+    values = {"model": args.model, "dataset": str(args.dataset)}
+    if args.method:
+        values["method"] = args.method
+    if args.steps:
+        values["steps"] = args.steps
+    cfg = build_config(args.preset, values, args.overrides)
+
+    def show(event) -> None:
+        if isinstance(event, events.Step):
+            rate = event.elapsed_s / event.step
+            eta = rate * (event.total_steps - event.step)
+            if event.step == 1 or event.step % 10 == 0 or event.step == event.total_steps:
+                print(f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                      f"{rate:.2f}s/step  eta {eta:.0f}s", flush=True)
+        elif isinstance(event, (events.Sample, events.Checkpoint)):
+            print(f"{event.kind} at step {event.step}: {getattr(event, 'images', None) or event.path}", flush=True)
+        elif isinstance(event, events.Progress):
+            print(event.message, flush=True)
+
+    result = run(cfg, args.out, on_event=show)
+    print(result.message)
+    if result.status == "failed":
+        print(f"error: {result.message}", file=sys.stderr)
+        return 2
+    print(f"Adapter: {result.adapter_dir}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from studio.generate import GenerateRequest, Playground, parse_adapter_arg
+
+    req = GenerateRequest(args.prompt, args.model, [parse_adapter_arg(a) for a in args.adapter],
+                          args.negative_prompt, args.seed, args.steps, args.guidance)
+    image = Playground().generate(req)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"Wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from studio.evaluate.protocol import DEFAULT_CONTEXTS, EvalConfig, evaluate
+
+    cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, clip=args.clip,
+                     contexts=args.context or list(DEFAULT_CONTEXTS), seeds=args.seeds, steps=args.steps,
+                     scale=args.scale)
+    last = {"pct": -1}
+
+    def show(event) -> None:
+        if event.kind == "progress" and event.total:
+            pct = 100 * event.done // event.total
+            if pct // 10 != last["pct"] // 10:
+                print(f"{pct}%  {event.message}", flush=True)
+                last["pct"] = pct
+        elif event.kind == "progress":
+            print(event.message, flush=True)
+
+    result = evaluate(cfg, args.out, on_event=show)
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"Results: {Path(args.out) / 'results.csv'}")
+    return 0
+
+
+def cmd_builtin(args) -> int:
+    from studio.models import write_builtin
+
+    out = write_builtin(args.out)
+    print(f"Wrote the built-in model to {out}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from studio.ui import launch
+
+    launch(host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

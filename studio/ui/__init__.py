@@ -1,0 +1,70 @@
+"""The Gradio app: one module per tab, combined here. No ML logic lives in studio.ui."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import gradio as gr
+
+from studio.paths import Workspace
+from studio.ui import dataset_tab, evaluate_tab, playground_tab, train_tab
+from studio.ui.context import Studio
+
+TITLE = "Concept Studio"
+
+
+def make_studio(workspace: Workspace | None = None) -> Studio:
+    from studio import models
+
+    ref_name, notice = os.environ.get("STUDIO_MODEL", ""), None
+    if not ref_name:
+        ref_name = models.DEFAULT_HUB_MODEL if models.hub_reachable() else models.BUILTIN
+        if ref_name == models.BUILTIN:
+            notice = "The model hub cannot be reached, so the studio uses the built-in model."
+    return Studio(workspace or Workspace.default(), ref_name, notice)
+
+
+def build_app(studio: Studio | None = None) -> gr.Blocks:
+    studio = studio or make_studio()
+    builtin = studio.default_model == "builtin"
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"# {TITLE}\nTeach Stable Diffusion your concept from a few photos, then see how well it worked.")
+        with gr.Row():
+            model_box = gr.Textbox(value=studio.default_model, label="Base model", scale=3, elem_id="model-box",
+                                   info="a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                                        "a local diffusers folder, or 'builtin'")
+            gr.Markdown(studio.model_notice or "")
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                dataset_tab.build(studio, 64 if builtin else 512)
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build(studio, model_box)
+            with gr.Tab("Playground", id="playground"):
+                play = playground_tab.build(studio, model_box)
+            with gr.Tab("Evaluate", id="evaluate"):
+                ev = evaluate_tab.build(studio, model_box, "builtin" if builtin else "")
+        app.load(lambda: _on_load(studio), None, [train["dataset"], train["runs"], *play["pickers"],
+                                                   ev["runs"], ev["dataset"]])
+    return app
+
+
+def _on_load(studio: Studio):
+    """A fresh page (or a refresh) sees every dataset and run on disk, and the running job's run."""
+    datasets, runs = studio.workspace.list_datasets(), studio.workspace.list_runs()
+    job = studio.jobs.current()
+    shown = job.label if job is not None and job.kind == "train" else (runs[0] if runs else None)
+    return (gr.update(choices=datasets, value=datasets[0] if datasets else None),
+            gr.update(choices=runs, value=shown),
+            *[gr.update(choices=runs) for _ in range(playground_tab.SLOTS)],
+            gr.update(choices=runs), gr.update(choices=datasets, value=datasets[0] if datasets else None))
+
+
+def launch(host: str | None = None, port: int | None = None, share: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    studio = make_studio()
+    if studio.model_notice:
+        print(studio.model_notice, flush=True)
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(studio.workspace.root)])
