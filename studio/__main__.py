@@ -143,7 +143,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from studio.evaluate.protocol import DEFAULT_CONTEXTS, EvalConfig, evaluate
+    from studio.evaluate.protocol import EvalConfig, evaluate
+    from studio.evaluate.prompts import DEFAULT_CONTEXTS
 
     cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, clip=args.clip,
                      contexts=args.context or list(DEFAULT_CONTEXTS), seeds=args.seeds, steps=args.steps,

@@ -21,15 +21,14 @@ from typing import Callable
 
 from studio import events
 from studio.adapters import find_adapter_dir, read_meta
-from studio.data.captions import concept_phrase
 from studio.data.dataset import load_dataset
 from studio.errors import StudioError
 from studio.evaluate import metrics
 from studio.evaluate.embedders import ClipEmbedder
+from studio.evaluate.prompts import DEFAULT_CONTEXTS, prompts_for
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import DatasetPaths, RESULTS_CSV, RunPaths, safe_name
 
-DEFAULT_CONTEXTS = ["in a forest", "on a beach", "in the snow", "on a city street at night", "on a kitchen table"]
 COLUMNS = ["subject", "kind", "image_similarity", "prompt_similarity", "n_images", "scale", "path"]
 
 
@@ -56,13 +55,6 @@ class EvalResult:
 
 class _Cancelled(Exception):
     pass
-
-
-def prompts_for(token: str, class_word: str, contexts: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    """The concept prompt and (with concept, without concept) pairs for each context."""
-    concept = f"a photo of {concept_phrase(token, class_word)}"
-    pairs = [(f"{concept} {c}".strip(), f"a photo {c}".strip()) for c in contexts]
-    return concept, pairs
 
 
 def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,

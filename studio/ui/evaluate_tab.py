@@ -10,7 +10,7 @@ from studio.ui.context import Studio, friendly
 
 
 def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
-    from studio.evaluate.protocol import DEFAULT_CONTEXTS
+    from studio.evaluate.prompts import DEFAULT_CONTEXTS
 
     gr.Markdown("**Image similarity**: how close images of *a photo of <token> <class>* are to your photos "
                 "(CLIP cosine). **Prompt similarity**: how close *… in a forest* with your concept is to the same "

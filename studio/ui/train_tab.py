@@ -14,6 +14,7 @@ FORM = {
     "mixed_precision": "Mixed precision", "sample_every": "Sample every N steps",
     "checkpoint_every": "Checkpoint every N steps",
 }
+INT_FIELDS = {"steps", "rank", "batch_size", "seed", "resolution", "sample_every", "checkpoint_every"}
 
 
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
@@ -66,7 +67,7 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
     if not data[dataset]:
         raise gr.Error("Choose a dataset first (save one in the Dataset tab).", print_exception=False)
     values = {key: data[comp] for key, comp in fields.items()}
-    for key in ("steps", "rank", "batch_size", "seed", "resolution", "sample_every", "checkpoint_every"):
+    for key in INT_FIELDS & values.keys():  # gr.Number gives floats
         values[key] = int(values[key])
     values.update(model=data[model_box] or studio.default_model, method=data[method],
                   dataset=str(_dataset_path(studio, data[dataset])))

@@ -1,0 +1,110 @@
+"""The CLI over the core: each command works, and each mistake a user can make is one sentence, exit 2."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.__main__ import main
+
+
+def _one_sentence_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and err[0].endswith(".")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_prep_keeps_good_files_and_names_bad_ones(photos_dir, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(photos_dir, src)
+    (src / "notes.png").write_text("this is not an image")
+    out = tmp_path / "ds"
+    assert main(["prep", str(src), "--out", str(out), "--token", "sks", "--class-word", "stuffed animal",
+                 "--resolution", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "notes.png" in captured.err
+    good = len([p for p in photos_dir.iterdir() if p.suffix == ".jpg"])
+    assert len(list((out / "images").glob("*.png"))) == good
+    assert (out / "images" / "0001.txt").read_text() == "a photo of sks stuffed animal"
+    assert (out / "dataset.yaml").exists()
+
+
+def test_prep_of_a_folder_without_images_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["prep", str(tmp_path / "empty"), "--out", str(tmp_path / "ds"), "--token", "sks",
+                 "--class-word", "dog"]) == 2
+    assert "has no image files" in _one_sentence_error(capsys)
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--model", "not-a-model"], "is not 'builtin', an existing folder, or a hub id"),
+    (["--model", "builtin", "--set", "rnak=4"], "Unknown setting 'rnak'"),
+    (["--model", "builtin", "--set", "learning_rate=fast"], "Setting 'learning_rate' must be"),
+    (["--model", "builtin", "--steps", "-3"], "Setting 'steps' must be greater than 0"),
+])
+def test_train_bad_input_is_one_sentence_and_writes_no_run(dataset_dir, tmp_path, capsys, args, phrase):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(dataset_dir), "--out", str(out), *args]) == 2
+    assert phrase in _one_sentence_error(capsys)
+    assert not out.exists()
+
+
+def test_train_on_a_dataset_with_no_images(dataset_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset_dir, broken)
+    for f in (broken / "images").iterdir():
+        f.unlink()
+    assert main(["train", "--model", "builtin", "--dataset", str(broken), "--out", str(tmp_path / "r")]) == 2
+    assert "has no images" in _one_sentence_error(capsys)
+
+
+def test_train_generate_evaluate_round_trip(dataset_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "builtin", "--dataset", str(dataset_dir), "--method", "lora", "--steps", "6",
+                 "--out", str(run), "--preset", "quick", "--set", "sample_every=3", "--set", "sample_steps=2",
+                 "--set", "learning_rate=1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and "Adapter:" in out
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert len(list((run / "samples").glob("*.png"))) == 2  # at step 3 and at the end
+
+    images = {}
+    for name, adapter in (("base", []), ("adapted", ["--adapter", f"{run}:1.0"])):
+        target = tmp_path / f"{name}.png"
+        assert main(["generate", "--model", "builtin", *adapter, "--prompt", "a photo of sks stuffed animal",
+                     "--seed", "3", "--steps", "3", "--out", str(target)]) == 0
+        images[name] = np.asarray(Image.open(target), dtype=np.float32)
+    assert np.abs(images["base"] - images["adapted"]).mean() > 0.5
+
+    evals = tmp_path / "eval"
+    assert main(["evaluate", "--model", "builtin", "--runs", str(run), "--dataset", str(dataset_dir),
+                 "--out", str(evals), "--clip", "builtin", "--seeds", "1", "--steps", "2",
+                 "--context", "in a forest"]) == 0
+    assert (evals / "results.csv").exists() and (run / "eval" / "results.csv").exists()
+
+
+def test_generate_with_unknown_hub_model_is_one_sentence(tmp_path, capsys):
+    assert main(["generate", "--model", "nobody/no-such-model", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
+    assert "could not be loaded" in _one_sentence_error(capsys)
+
+
+def test_generate_with_bad_adapter_argument(tmp_path, capsys):
+    assert main(["generate", "--model", "builtin", "--adapter", f"{tmp_path}:strong", "--prompt", "x",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "RUN_DIR:SCALE" in _one_sentence_error(capsys)
+
+
+def test_builtin_model_command_writes_a_loadable_diffusers_folder(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "builtin"
+    assert main(["builtin-model", str(out)]) == 0
+    assert (out / "model_index.json").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -1,0 +1,102 @@
+"""UI handlers without a browser: start-up stays light, and bad input becomes one sentence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gradio as gr
+import pytest
+
+from studio.paths import Workspace
+from studio.ui import build_app
+from studio.ui.context import Studio, friendly
+from studio.ui import dataset_tab, train_tab
+
+
+def test_building_the_app_imports_no_torch_or_diffusers():
+    code = ("import sys; from studio.ui import build_app; build_app(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_app_has_the_four_tabs(tmp_path):
+    app = build_app(Studio(Workspace(tmp_path), "builtin"))
+    labels = [b.label for b in app.blocks.values() if isinstance(b, gr.Tab)]
+    assert labels == ["Dataset", "Train", "Playground", "Evaluate"]
+
+
+def test_friendly_turns_studio_errors_into_one_sentence():
+    from studio.errors import StudioError
+
+    @friendly
+    def boom():
+        raise StudioError("Dataset 'x' has no images; add photos in the Dataset tab.")
+
+    with pytest.raises(gr.Error) as info:
+        boom()
+    assert info.value.message == "Dataset 'x' has no images; add photos in the Dataset tab."
+
+
+def test_prepare_with_an_empty_upload():
+    with pytest.raises(gr.Error, match="No photos were uploaded"):
+        dataset_tab._prepare([], "sks", "dog", "a photo of {token} {class}", 64)
+
+
+def test_prepare_reports_bad_files_by_name_and_keeps_the_rest(photos_dir, tmp_path):
+    bad = tmp_path / "holiday.png"
+    bad.write_text("not an image")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(next(photos_dir.glob("*.jpg")).read_bytes()[:600])
+    good = sorted(str(p) for p in photos_dir.glob("*.jpg"))
+    prepared, gallery, rows, note = dataset_tab._prepare(good + [str(bad), str(truncated)], "sks", "dog",
+                                                         "a photo of {token} {class}", 64)
+    assert len(prepared) == len(good) == len(gallery) == len(rows)
+    assert "holiday.png" in note and "cut.jpg" in note and "2 file(s) skipped" in note
+    assert rows[0][1] == "a photo of sks dog"
+    assert all(item.image.size == (64, 64) for item in prepared)
+
+
+def test_save_keeps_edited_captions(photos_dir, tmp_path):
+    studio = Studio(Workspace(tmp_path), "builtin")
+    prepared, _, rows, _ = dataset_tab._prepare(sorted(str(p) for p in photos_dir.glob("*.jpg")), "sks", "dog",
+                                                "a photo of {token} {class}", 64)
+    rows[0][1] = "a photo of sks dog on a sofa"
+    message = dataset_tab._save(studio, prepared, rows, "my dog", "sks", "dog", 64, "a photo of {token} {class}")
+    assert "my-dog" in message
+    assert (tmp_path / "datasets" / "my-dog" / "images" / "0001.txt").read_text() == "a photo of sks dog on a sofa"
+    with pytest.raises(gr.Error, match="needs a caption"):
+        rows[1][1] = " "
+        dataset_tab._save(studio, prepared, rows, "my dog", "sks", "dog", 64, "a photo of {token} {class}")
+    # the failed save lost nothing already saved
+    assert (tmp_path / "datasets" / "my-dog" / "images" / "0001.txt").exists()
+
+
+def test_start_training_without_a_dataset_is_one_sentence(tmp_path):
+    studio = Studio(Workspace(tmp_path), "builtin")
+    with pytest.raises(gr.Error, match="Choose a dataset first"):
+        train_tab._start(studio, {"ds": None}, "ds", None, None, None, {}, "lora")
+
+
+def test_start_training_with_an_unknown_model_is_one_sentence_and_starts_nothing(dataset_dir, tmp_path):
+    studio = Studio(Workspace(tmp_path), "builtin")
+    data = {"ds": str(dataset_dir), "preset": "(none)", "model": "no-such-model", "method": "lora", "steps": 5}
+    with pytest.raises(Exception, match="is not 'builtin', an existing folder, or a hub id"):
+        train_tab._start(studio, data, "ds", "preset", "method", "model", {"steps": "steps"}, "lora")
+    assert studio.jobs.current() is None
+    assert studio.workspace.list_runs() == []
+
+
+def test_run_view_redraws_a_run_from_its_events_alone(trained_run, tmp_path):
+    workspace = Workspace(trained_run.parent.parent) if trained_run.parent.name == "runs" else None
+    studio = Studio(workspace or Workspace(tmp_path), "builtin")
+    if workspace is None:
+        import shutil
+
+        shutil.copytree(trained_run, tmp_path / "runs" / trained_run.name)
+    status, figure, gallery = train_tab.run_view(studio, trained_run.name)
+    assert "completed" in status
+    losses = figure.data[0].y
+    assert len(losses) > 0 and all(v > 0 for v in losses)
+    assert len(figure.data) == 2  # raw and smoothed
