@@ -64,6 +64,8 @@ class TrainConfig:
         for name in ("lr_warmup_steps", "sample_every", "checkpoint_every", "max_grad_norm", "seed"):
             if getattr(self, name) < 0:
                 raise StudioError(f"Setting '{name}' must be 0 or more, got {getattr(self, name)!r}.")
+        if not self.target_modules:
+            raise StudioError("Setting 'target_modules' must name at least one module, e.g. to_q, to_k, to_v, to_out.0.")
         if self.resolution and (self.resolution < 32 or self.resolution % 8):
             raise StudioError(
                 f"Setting 'resolution' must be 0 or a multiple of 8 of at least 32, got {self.resolution}.")
@@ -107,6 +109,13 @@ def _describe(tp: Any) -> str:
 def _check_types(cfg: TrainConfig) -> None:
     for name, tp in _field_types().items():
         value = getattr(cfg, name)
+        if tp in (int, float) and isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it plainly is.
+            try:
+                value = tp(value)
+                setattr(cfg, name, value)
+            except ValueError:
+                pass
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, name, float(value))
         elif not _type_ok(value, tp):
@@ -125,7 +134,12 @@ def coerce(name: str, text: str) -> Any:
         if tp is float:
             return float(text)
         if typing.get_origin(tp) in (list, tuple):
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:  # "{token} on a beach" is not YAML (braces): read it as a comma list
+                if text.lstrip().startswith("["):
+                    raise ValueError(text) from None
+                value = None
             return value if isinstance(value, list) else [s.strip() for s in text.split(",") if s.strip()]
     except ValueError:
         raise StudioError(f"Setting '{name}' must be {_describe(tp)}, got {text!r}.") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,6 +95,26 @@ def read_events(path: Path) -> list[Event]:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return events
+
+
+class Emitter:
+    """Writes each event to its log, then tells an optional listener.
+
+    A listener's bug (a UI callback, say) must not kill the work it listens to: it is logged, and
+    the work goes on.
+    """
+
+    def __init__(self, path: Path, on_event=None):
+        self.log = EventLog(path)
+        self.on_event = on_event
+
+    def __call__(self, event: Event) -> None:
+        self.log(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                logging.getLogger(__name__).exception("Event listener failed on %s", event.kind)
 
 
 class EventLog:

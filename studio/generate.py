@@ -51,15 +51,15 @@ class Playground:
         self.cache = cache or models.PipelineCache()
         self._lock = threading.RLock()
         self._loaded: dict[str, str] = {}  # adapter file identity -> adapter name in the pipeline
-        self._pipe_id: int | None = None
+        self._pipe = None  # the pipeline the adapters in _loaded live in
 
     def pipeline(self, model: str):
         ref = models.resolve(model)
         device = models.pick_device()
         dtype, _ = models.resolve_precision("auto", device)
         pipe = self.cache.get(ref, device, dtype)
-        if id(pipe) != self._pipe_id:  # a new base model: nothing is loaded into it yet
-            self._pipe_id, self._loaded = id(pipe), {}
+        if pipe is not self._pipe:  # a new base model: nothing is loaded into it yet
+            self._pipe, self._loaded = pipe, {}
         return pipe, ref
 
     def _adapter_name(self, pipe, choice: AdapterChoice) -> str:

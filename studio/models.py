@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
+from studio.paths import staging, swap_into_place
 
 BUILTIN = "builtin"
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -117,16 +117,13 @@ def write_builtin(out_dir: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out_dir)
     quiet_libraries()
     pipe = StableDiffusionPipeline(**_builtin_components(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / BUILTIN_MARKER).write_text(json.dumps({"version": BUILTIN_VERSION}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic on one filesystem: a half-written model is never picked up
-    return out_dir
+    return swap_into_place(tmp, out_dir)  # a half-written model is never picked up
 
 
 _builtin_lock = threading.Lock()

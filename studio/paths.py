@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -22,6 +23,25 @@ ADAPTER_META = "adapter.yaml"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 RESULTS_CSV = "results.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def staging(final: Path) -> Path:
+    """An empty sibling folder to write into before `swap_into_place`."""
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def swap_into_place(tmp: Path, final: Path) -> Path:
+    """Replace `final` with the fully written `tmp` by renames, so no reader ever sees half a folder
+    and a failure before this point leaves the old `final` as it was."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def default_root() -> Path:

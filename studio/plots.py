@@ -6,6 +6,8 @@ import math
 
 from studio import events as ev
 
+MIN_SPAN = 0.05  # smallest axis span of the evaluation scatter, in cosine units
+
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (the first points are not pulled to 0)."""
@@ -52,6 +54,13 @@ def eval_scatter(table):
         if not math.isnan(value):
             fig.add_vline(x=value, line_dash="dash", line_color="green",
                           annotation_text="dataset vs itself", annotation_position="top left")
+    # Cosines differ in the second decimal between real methods; never let the axes blow a 1e-6
+    # difference up to full height, which would make noise look like a finding.
+    for axis, column in (("xaxis", "image_similarity"), ("yaxis", "prompt_similarity")):
+        values = [v for v in table[column] if not math.isnan(v)]
+        if values and max(values) - min(values) < MIN_SPAN:
+            mid = (max(values) + min(values)) / 2
+            fig.update_layout({axis: dict(range=[mid - MIN_SPAN / 2, mid + MIN_SPAN / 2])})
     fig.update_layout(title="Concept fidelity vs prompt fidelity", xaxis_title="image similarity (CLIP)",
                       yaxis_title="prompt similarity (CLIP)", height=420, margin=dict(l=40, r=10, t=50, b=40))
     return fig

@@ -49,20 +49,6 @@ class _Frozen:
     scaling: float
 
 
-class _Emitter:
-    def __init__(self, path: Path, on_event: Callable | None):
-        self.log = events.EventLog(path)
-        self.on_event = on_event
-
-    def __call__(self, event) -> None:
-        self.log(event)
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:  # a listener's bug must not kill a training run; it is logged
-                log.exception("Event listener failed on %s", event.kind)
-
-
 def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, models.ModelRef]:
     """Check every input and resolve defaults; nothing is written yet."""
     if not cfg.dataset:
@@ -82,7 +68,7 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     cfg, spec, ref = prepare(cfg, run_dir)
     paths = RunPaths(Path(run_dir))
     save_config(cfg, paths.config)  # fully resolved, before step 0
-    emit = _Emitter(paths.events, on_event)
+    emit = events.Emitter(paths.events, on_event)
     emit(events.Started(paths.run_id, cfg.steps))
     for notice in filter(None, [ref.notice]):
         emit(events.Progress(0, cfg.steps, notice))

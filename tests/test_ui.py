@@ -88,15 +88,11 @@ def test_start_training_with_an_unknown_model_is_one_sentence_and_starts_nothing
     assert studio.workspace.list_runs() == []
 
 
-def test_run_view_redraws_a_run_from_its_events_alone(trained_run, tmp_path):
-    workspace = Workspace(trained_run.parent.parent) if trained_run.parent.name == "runs" else None
-    studio = Studio(workspace or Workspace(tmp_path), "builtin")
-    if workspace is None:
-        import shutil
-
-        shutil.copytree(trained_run, tmp_path / "runs" / trained_run.name)
+def test_run_view_redraws_a_run_from_its_events_alone(trained_run, workspace):
+    studio = Studio(workspace, "builtin")  # a fresh UI state, as after a restart: only the files remain
     status, figure, gallery = train_tab.run_view(studio, trained_run.name)
-    assert "completed" in status
-    losses = figure.data[0].y
-    assert len(losses) > 0 and all(v > 0 for v in losses)
-    assert len(figure.data) == 2  # raw and smoothed
+    assert "completed" in status and "30" in status
+    raw, smoothed = figure.data
+    assert len(raw.y) == 30 and all(v > 0 for v in raw.y)
+    assert len(smoothed.y) == 30
+    assert len(gallery) == 1  # the final sample

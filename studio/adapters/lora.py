@@ -6,10 +6,9 @@ set_scales.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from studio.paths import LORA_WEIGHTS
+from studio.paths import LORA_WEIGHTS, staging, swap_into_place
 
 KIND = "lora"
 
@@ -41,18 +40,11 @@ def save(unet, out_dir: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out_dir)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=weights, weight_name=LORA_WEIGHTS,
                                               safe_serialization=True)
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return swap_into_place(tmp, out_dir)
 
 
 def load_into(pipe, adapter_dir: Path, name: str) -> None:

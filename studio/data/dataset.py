@@ -12,7 +12,7 @@ from PIL import Image
 from studio.data.captions import DEFAULT_TEMPLATE, render
 from studio.data.images import center_crop_resize, open_photo
 from studio.errors import StudioError
-from studio.paths import DatasetPaths, IMAGE_SUFFIXES
+from studio.paths import DatasetPaths, IMAGE_SUFFIXES, staging, swap_into_place
 
 
 @dataclass
@@ -60,9 +60,17 @@ def save_dataset(paths: DatasetPaths, prepared: list[Prepared], captions: list[s
         raise StudioError("There are no usable images to save; add at least one photo.")
     if not token.strip() or not class_word.strip():
         raise StudioError("Both a trigger word and a class word are needed, e.g. 'sks' and 'stuffed animal'.")
-    spec = DatasetSpec(token.strip(), class_word.strip(), resolution, template)
-    tmp = DatasetPaths(paths.root.with_name(paths.root.name + ".partial"))
-    shutil.rmtree(tmp.root, ignore_errors=True)
+    tmp = DatasetPaths(staging(paths.root))
+    try:
+        return _write_and_swap(paths, tmp, prepared, captions, DatasetSpec(token.strip(), class_word.strip(),
+                                                                             resolution, template))
+    except OSError as exc:
+        shutil.rmtree(tmp.root, ignore_errors=True)
+        raise StudioError(f"The dataset could not be written to '{paths.root}' ({exc.strerror or exc}); "
+                          "free some disk space or choose another folder.") from None
+
+
+def _write_and_swap(paths: DatasetPaths, tmp: DatasetPaths, prepared, captions, spec: DatasetSpec) -> DatasetSpec:
     tmp.images.mkdir(parents=True)
     for index, (item, caption) in enumerate(zip(prepared, captions), start=1):
         image_path = tmp.image(index)
@@ -70,12 +78,7 @@ def save_dataset(paths: DatasetPaths, prepared: list[Prepared], captions: list[s
         tmp.caption(image_path).write_text(caption.strip(), encoding="utf-8")
         spec.items.append(Item(image_path.name, caption.strip(), item.source, tuple(item.crop)))
     tmp.meta.write_text(yaml.safe_dump(_spec_to_dict(spec), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    old = paths.root.with_name(paths.root.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if paths.root.exists():
-        paths.root.rename(old)
-    tmp.root.rename(paths.root)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp.root, paths.root)
     return spec
 
 

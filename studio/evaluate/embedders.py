@@ -7,15 +7,17 @@ model ships): it lets the whole evaluation run offline, but its numbers say noth
 from __future__ import annotations
 
 import json
-import shutil
+import threading
 from pathlib import Path
 
 from studio import models
 from studio.errors import StudioError
+from studio.paths import staging, swap_into_place
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 BUILTIN = "builtin"
 BUILTIN_CLIP_VERSION = 1
+_builtin_lock = threading.Lock()
 
 
 def builtin_clip_dir() -> Path:
@@ -33,15 +35,12 @@ def write_builtin_clip(out_dir: Path) -> Path:
                   num_hidden_layers=2, num_attention_heads=4)
     torch.manual_seed(3)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
-    tmp = Path(str(out_dir) + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(Path(out_dir))
     model.save_pretrained(tmp, safe_serialization=True)
     CLIPTokenizer.from_pretrained(models.TOKENIZER_DIR).save_pretrained(tmp)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp)
     (tmp / models.BUILTIN_MARKER).write_text(json.dumps({"version": BUILTIN_CLIP_VERSION}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    return swap_into_place(tmp, Path(out_dir))
 
 
 def resolve_clip(name: str | None) -> tuple[str, str | None]:
@@ -54,9 +53,10 @@ def resolve_clip(name: str | None) -> tuple[str, str | None]:
                                           "CLIP, whose random weights make the numbers meaningless for real concepts.")
     if name == BUILTIN:
         folder = builtin_clip_dir()
-        marker = folder / models.BUILTIN_MARKER
-        if not marker.exists() or json.loads(marker.read_text()).get("version") != BUILTIN_CLIP_VERSION:
-            write_builtin_clip(folder)
+        with _builtin_lock:
+            marker = folder / models.BUILTIN_MARKER
+            if not marker.exists() or json.loads(marker.read_text()).get("version") != BUILTIN_CLIP_VERSION:
+                write_builtin_clip(folder)
         return str(folder), None
     return name, None
 

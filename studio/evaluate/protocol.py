@@ -44,6 +44,13 @@ class EvalConfig:
     guidance: float = 7.5
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("seeds", "steps"):
+            if int(getattr(self, name)) < 1:
+                raise StudioError(f"Evaluation setting '{name}' must be at least 1, got {getattr(self, name)!r}.")
+        if self.guidance < 0:
+            raise StudioError(f"Evaluation setting 'guidance' must be 0 or more, got {self.guidance!r}.")
+
 
 @dataclass
 class EvalResult:
@@ -64,8 +71,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     spec = load_dataset(Path(cfg.dataset))
     subjects = [("base model", None)] + [(RunPaths(Path(r)).run_id, find_adapter_dir(Path(r))) for r in cfg.runs]
     out_dir = Path(out_dir)
-    log = events.EventLog(out_dir / "events.jsonl")
-    emit = _fanout(log, on_event)
+    emit = events.Emitter(out_dir / "events.jsonl", on_event)
     embedder = ClipEmbedder(cfg.clip)
     if embedder.notice:
         emit(events.Progress(0, 0, embedder.notice))
@@ -135,14 +141,6 @@ def _open(path: Path):
 
     with Image.open(path) as im:
         return im.convert("RGB")
-
-
-def _fanout(log, on_event):
-    def emit(event):
-        log(event)
-        if on_event is not None:
-            on_event(event)
-    return emit
 
 
 class _Counter:

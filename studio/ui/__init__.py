@@ -38,14 +38,21 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset"):
                 dataset_tab.build(studio, 64 if builtin else 512)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(studio, model_box)
-            with gr.Tab("Playground", id="playground"):
+            with gr.Tab("Playground", id="playground") as play_page:
                 play = playground_tab.build(studio, model_box)
-            with gr.Tab("Evaluate", id="evaluate"):
+            with gr.Tab("Evaluate", id="evaluate") as eval_page:
                 ev = evaluate_tab.build(studio, model_box, "builtin" if builtin else "")
+        # Opening a tab lists what is on disk now: a dataset saved or a run started a moment ago is offered.
+        train_page.select(lambda cur: _datasets_update(studio, cur), [train["dataset"]], [train["dataset"]],
+                          show_progress="hidden")
+        play_page.select(lambda: [gr.update(choices=studio.workspace.list_runs()) for _ in play["pickers"]],
+                         None, play["pickers"], show_progress="hidden")
+        eval_page.select(lambda cur: (gr.update(choices=studio.workspace.list_runs()), _datasets_update(studio, cur)),
+                         [ev["dataset"]], [ev["runs"], ev["dataset"]], show_progress="hidden")
         app.load(lambda: _on_load(studio), None, [train["dataset"], train["runs"], *play["pickers"],
-                                                   ev["runs"], ev["dataset"]])
+                                                   ev["runs"], ev["dataset"], ev["folder"]])
     return app
 
 
@@ -57,7 +64,14 @@ def _on_load(studio: Studio):
     return (gr.update(choices=datasets, value=datasets[0] if datasets else None),
             gr.update(choices=runs, value=shown),
             *[gr.update(choices=runs) for _ in range(playground_tab.SLOTS)],
-            gr.update(choices=runs), gr.update(choices=datasets, value=datasets[0] if datasets else None))
+            gr.update(choices=runs), gr.update(choices=datasets, value=datasets[0] if datasets else None),
+            evaluate_tab.latest_folder(studio))
+
+
+def _datasets_update(studio: Studio, current: str | None):
+    """The dataset choices on disk; an empty choice becomes the first dataset."""
+    datasets = studio.workspace.list_datasets()
+    return gr.update(choices=datasets, value=current or (datasets[0] if datasets else None))
 
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False) -> None:

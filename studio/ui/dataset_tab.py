@@ -75,4 +75,5 @@ def _save(studio: Studio, prepared, captions, name, token, class_word, resolutio
         raise gr.Error("Every image needs a caption; fill the empty cells.", print_exception=False)
     paths = studio.workspace.dataset(name)
     spec = save_dataset(paths, prepared, texts, token, class_word, int(resolution), template)
-    return f"Saved **{len(spec.items)}** images to `{paths.root}` as dataset **{paths.root.name}**."
+    where = paths.root.relative_to(studio.workspace.root) if paths.root.is_relative_to(studio.workspace.root) else paths.root
+    return f"Saved **{len(spec.items)}** images to `{where}` as dataset **{paths.root.name}**."

@@ -12,7 +12,7 @@ from studio.ui.context import Studio, friendly
 def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     from studio.evaluate.prompts import DEFAULT_CONTEXTS
 
-    gr.Markdown("**Image similarity**: how close images of *a photo of <token> <class>* are to your photos "
+    gr.Markdown("**Image similarity**: how close images of *a photo of &lt;token&gt; &lt;class&gt;* are to your photos "
                 "(CLIP cosine). **Prompt similarity**: how close *… in a forest* with your concept is to the same "
                 "prompt without it. Upper right is best; the dashed line is your dataset against itself.")
     with gr.Row():
@@ -47,7 +47,16 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     timer.tick(lambda f: _view(studio, f), [folder], [status, scatter, table, csv])
     refresh.click(lambda: (gr.update(choices=studio.workspace.list_runs()),
                            gr.update(choices=studio.workspace.list_datasets())), None, [runs, dataset])
-    return {"runs": runs, "dataset": dataset}
+    return {"runs": runs, "dataset": dataset, "folder": folder}
+
+
+def latest_folder(studio: Studio) -> str | None:
+    """The evaluation a fresh page shows: the running one, else the newest on disk."""
+    job = studio.jobs.current()
+    if job is not None and job.kind == "evaluate":
+        return str(job.folder)
+    folders = sorted(studio.workspace.evals.glob("*/events.jsonl")) if studio.workspace.evals.is_dir() else []
+    return str(folders[-1].parent) if folders else None
 
 
 def _start(studio: Studio, model, runs, dataset, clip, seeds, steps, scale, contexts):

@@ -1,0 +1,302 @@
+"""End to end in a real browser: the four tabs as a person uses them, against `python app.py`.
+
+The app runs as a subprocess on a free loopback port with its own empty workspace (and the
+session's model cache), and headless Chromium drives it: upload photos (one EXIF-rotated, two
+broken), prepare, save; start training with no dataset (an error toast), then with the saved one,
+reload mid-run and still see the run, wait for the loss plot; generate base and adapted images
+and move the scale slider; run a small evaluation. Screenshots of each tab are written to
+docs/screenshots/ on every run (the README shows them).
+
+Needs Debian's chromium (`shutil.which("chromium")`); never downloads a browser. Without it the
+test is skipped, unless STUDIO_REQUIRE_BROWSER=1 (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+SHOTS = REPO / "docs" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+START_TIMEOUT_S = 90
+SECOND = 1000  # Playwright timeouts are in milliseconds
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        reason = "the playwright package is not installed (pip install -r requirements-dev.txt)"
+    else:
+        if path:
+            return path
+        reason = "chromium is not installed (apt-get install chromium); the browser test needs it"
+    if os.environ.get("STUDIO_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + ", and STUDIO_REQUIRE_BROWSER=1 requires it.")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Four upright photos, one stored sideways with EXIF orientation 6, and two broken files."""
+    from PIL import Image, ImageOps
+
+    files = sorted((DREAMBENCH / "bear_plushie").glob("*.jpg"))[:5]
+    if len(files) < 5:
+        pytest.fail(f"Test photos are missing: expected {DREAMBENCH}/bear_plushie/*.jpg beside the repo checkout.")
+    out = tmp_path_factory.mktemp("upload")
+    good = []
+    for path in files:
+        with Image.open(path) as im:
+            im.draft("RGB", (256, 256))
+            im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((256, 256))
+        if len(good) < 4:
+            im.save(out / path.name, quality=90)
+            good.append(out / path.name)
+        else:  # pixels stored rotated; the EXIF tag says "rotate 90° clockwise to view"
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            im.transpose(Image.Transpose.ROTATE_90).save(out / "sideways.jpg", quality=90, exif=exif)
+            good.append(out / "sideways.jpg")
+            upright = im
+    not_image = out / "notes.png"
+    not_image.write_text("shopping list: honey, more honey\n", encoding="utf-8")
+    truncated = out / "cut-off.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:1500])
+    return {"good": good, "not_image": not_image, "truncated": truncated, "upright": upright}
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """`python app.py` on a free port with a fresh workspace; killed (its whole group) at the end."""
+    _chromium()
+    port = _free_port()
+    workspace = tmp_path_factory.mktemp("browser-workspace")
+    cache = os.environ.get("STUDIO_CACHE") or str(tmp_path_factory.mktemp("studio-cache"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STUDIO_WORKSPACE": str(workspace), "STUDIO_CACHE": cache,
+           "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("STUDIO_MODEL", None)
+    log_path = workspace.parent / "app.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--host", "127.0.0.1"], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def stop():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            stop()
+            pytest.fail(f"app.py exited with {proc.returncode} before serving:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop()
+            pytest.fail(f"app.py did not answer GET / within {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "proc": proc, "workspace": workspace, "log": log_path}
+    stop()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(30 * SECOND)
+        page = context.new_page()
+        page.goto(app_url["url"])
+        page.locator("#dataset-upload").wait_for()
+        yield page
+        context.close()
+        browser.close()
+
+
+# --- helpers: what a person does --------------------------------------------------------------------------------
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Open a dropdown and click the option with this exact text."""
+    page.locator(f"#{elem_id} input[role=combobox]").click()
+    page.locator(f'#{elem_id} [role=option][aria-label="{value}"]').click()
+
+
+def set_number(page, locator, value) -> None:
+    locator.fill(str(value))
+    locator.press("Tab")  # a Number sends its value on blur too
+
+
+def screenshot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)  # let plots and images finish drawing
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def toast_texts(page) -> list[str]:
+    return page.locator("[data-testid=toast-text]").all_inner_texts()
+
+
+def close_toasts(page) -> None:
+    for button in page.locator("[data-testid=toast-close]").all():
+        button.click()
+
+
+def _difference(a, b) -> float:
+    from PIL import ImageChops, ImageStat
+
+    return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean)
+
+
+# --- the flow -----------------------------------------------------------------------------------------------------
+
+def test_concept_studio_in_a_browser(page, app_url, photos):
+    from PIL import Image, ImageOps
+    from playwright.sync_api import expect
+
+    started = time.monotonic()
+    workspace: Path = app_url["workspace"]
+
+    # A fresh workspace: Start training before any dataset exists is a clear toast, and the app keeps serving.
+    open_tab(page, "Train")
+    page.locator("#train-start").click()
+    expect(page.locator("[data-testid=toast-text]").filter(has_text="Choose a dataset first")).to_be_visible(
+        timeout=15 * SECOND)
+    close_toasts(page)
+    with urllib.request.urlopen(app_url["url"], timeout=5) as resp:
+        assert resp.status == 200
+
+    # Dataset: five good photos (one EXIF-rotated) plus a text file named .png and a truncated JPEG.
+    open_tab(page, "Dataset")
+    uploads = [*photos["good"], photos["not_image"], photos["truncated"]]
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in uploads])
+    expect(page.locator("#dataset-upload tbody tr")).to_have_count(len(uploads), timeout=30 * SECOND)
+    page.locator("#dataset-prepare").click()
+    gallery = page.locator("#dataset-gallery img")
+    expect(gallery).to_have_count(5, timeout=30 * SECOND)
+    problems = page.locator("#dataset-problems")
+    expect(problems).to_contain_text("2 file(s) skipped, 5 kept")
+    expect(problems).to_contain_text("'notes.png' is not an image file")
+    expect(problems).to_contain_text("'cut-off.jpg' is damaged or truncated")
+    expect(page.locator("#dataset-captions")).to_contain_text("sideways.jpg")
+    expect(page.locator("#dataset-captions")).to_contain_text("a photo of sks stuffed animal")
+    page.locator("#dataset-name input, #dataset-name textarea").first.fill("bear plushie")
+    page.locator("#dataset-save").click()
+    expect(page.locator("#dataset-saved")).to_contain_text("Saved 5 images", timeout=30 * SECOND)
+    expect(page.locator("#dataset-saved")).to_contain_text("as dataset bear-plushie")
+    saved = sorted((workspace / "datasets" / "bear-plushie" / "images").glob("*.png"))
+    assert len(saved) == 5
+    with Image.open(saved[-1]) as im:  # the sideways photo was saved upright
+        sideways = im.convert("RGB")
+    assert sideways.size == (64, 64)
+    upright = ImageOps.fit(photos["upright"], (64, 64))
+    assert _difference(sideways, upright) < _difference(sideways, upright.transpose(Image.Transpose.ROTATE_90))
+    screenshot(page, "dataset")
+
+    # Train: opening the tab lists the datasets on disk, so the one just saved is offered; a short run starts.
+    open_tab(page, "Train")
+    dataset_box = page.locator("#train-dataset input[role=combobox]")
+    expect(dataset_box).to_have_value("bear-plushie", timeout=15 * SECOND)
+    set_number(page, page.locator("#train-steps input"), 30)
+    set_number(page, page.locator("#train-sample_every input"), 15)
+    page.locator("#train-start").click()
+    run_box = page.locator("#train-run input[role=combobox]")
+    expect(run_box).to_have_value(re.compile(r"-lora$"), timeout=30 * SECOND)
+    run_id = run_box.input_value()
+    status = page.locator("#train-status")
+    expect(status).to_contain_text(run_id)
+
+    # A reload while it trains still shows the run: the job lives in the server, not the page. (A second
+    # page, so this one keeps its form for the screenshot: a fresh page shows the form's defaults.)
+    other = page.context.new_page()
+    other.goto(app_url["url"])
+    for reload in (False, True):
+        if reload:
+            other.reload()
+        open_tab(other, "Train")
+        expect(other.locator("#train-run input[role=combobox]")).to_have_value(run_id, timeout=15 * SECOND)
+        expect(other.locator("#train-status")).to_contain_text(run_id, timeout=15 * SECOND)
+        expect(other.locator("#train-status")).to_contain_text(re.compile(r"loading|running|completed"))
+    other.close()
+    expect(status).to_contain_text("completed: Finished 30 steps.", timeout=240 * SECOND)
+    expect(page.locator("#train-loss .js-plotly-plot")).to_be_visible(timeout=15 * SECOND)
+    expect(page.locator("#train-loss")).to_contain_text("Training loss")
+    expect(page.locator("#train-samples img").first).to_be_visible(timeout=15 * SECOND)
+    assert (workspace / "runs" / run_id / "adapter").is_dir()
+    screenshot(page, "train")
+
+    # Playground: base and adapted side by side; moving the slider re-renders without reloading weights.
+    open_tab(page, "Playground")
+    choose(page, "play-adapter-0", run_id)
+    expect(page.locator("#play-adapter-0 input[role=combobox]")).to_have_value(run_id)
+    set_number(page, page.get_by_label("number input for Steps"), 8)
+    page.locator("#play-generate").click()
+    timing = page.locator("#play-timing")
+    expect(timing).to_contain_text("Base and adapted rendered in", timeout=60 * SECOND)
+    expect(page.locator("#play-base img")).to_be_visible()
+    expect(page.locator("#play-adapted img")).to_be_visible()
+    set_number(page, page.locator("#play-scale-0 input[type=number]"), 0.5)
+    expect(timing).to_contain_text("(no reload)", timeout=60 * SECOND)
+    expect(page.locator("#play-adapted img")).to_be_visible()
+    screenshot(page, "playground")
+
+    # Evaluate: the run against the base model on the saved dataset, kept small.
+    page.locator("body").press("Escape")
+    open_tab(page, "Evaluate")
+    choose(page, "eval-runs", run_id)
+    page.locator("#eval-runs input[role=combobox]").press("Escape")
+    expect(page.locator("#eval-runs")).to_contain_text(run_id)
+    expect(page.locator("#eval-dataset input[role=combobox]")).to_have_value("bear-plushie")
+    set_number(page, page.get_by_label("Images per prompt"), 1)
+    set_number(page, page.get_by_label("Denoising steps"), 2)
+    page.get_by_label("Contexts (one per line)").fill("in a forest")
+    page.locator("#eval-start").click()
+    eval_status = page.locator("#eval-status")
+    expect(eval_status).to_contain_text("Evaluated 1 run(s)", timeout=120 * SECOND)
+    expect(page.locator("#eval-scatter .js-plotly-plot")).to_be_visible(timeout=15 * SECOND)
+    table = page.locator("#eval-table")
+    expect(table).to_contain_text(run_id, timeout=15 * SECOND)
+    expect(table).to_contain_text("image_similarity")
+    screenshot(page, "evaluate")
+
+    assert app_url["proc"].poll() is None, "the app stopped serving"
+    assert not [t for t in toast_texts(page) if "went wrong" in t], toast_texts(page)
+    print(f"\nbrowser flow took {time.monotonic() - started:.1f} s")
