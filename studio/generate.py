@@ -37,20 +37,22 @@ class GenerateRequest:
 
 def parse_adapter_arg(text: str) -> AdapterChoice:
     """`RUN_DIR[:SCALE]` from the command line."""
-    path, _, scale = text.rpartition(":") if ":" in text else (text, "", "")
-    if not path:
-        path, scale = text, ""
-    try:
-        return AdapterChoice(path, float(scale) if scale else 1.0)
-    except ValueError:
-        raise StudioError(f"Adapter '{text}' must look like RUN_DIR or RUN_DIR:SCALE with a number as scale.") from None
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return AdapterChoice(path, float(scale))
+        except ValueError:
+            pass
+    if Path(text).exists() or not sep:  # a folder whose name has a colon, or no scale given
+        return AdapterChoice(text, 1.0)
+    raise StudioError(f"Adapter '{text}' must look like RUN_DIR or RUN_DIR:SCALE with a number as scale.")
 
 
 class Playground:
     def __init__(self, cache: models.PipelineCache | None = None):
         self.cache = cache or models.PipelineCache()
         self._lock = threading.RLock()
-        self._loaded: dict[str, str] = {}  # adapter file identity -> adapter name in the pipeline
+        self._loaded: dict[str, tuple[str, str]] = {}  # weights file -> (its version, adapter name)
         self._pipe = None  # the pipeline the adapters in _loaded live in
 
     def pipeline(self, model: str):
@@ -64,19 +66,23 @@ class Playground:
 
     def _adapter_name(self, pipe, choice: AdapterChoice) -> str:
         folder = adapters.find_adapter_dir(Path(choice.path))
-        weights = folder / LORA_WEIGHTS
+        weights = (folder / LORA_WEIGHTS).resolve()
         stat = weights.stat()
-        identity = f"{weights.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
-        if identity not in self._loaded:
-            meta = adapters.read_meta(folder)
-            name = "a" + hashlib.sha1(identity.encode()).hexdigest()[:12]
-            try:
-                adapters.module_for(meta.kind).load_into(pipe, folder, name)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise StudioError(f"The adapter in '{choice.path}' does not fit this base model (it was trained on "
-                                  f"'{meta.base_model}'); choose that model. ({exc.__class__.__name__})") from None
-            self._loaded[identity] = name
-        return self._loaded[identity]
+        version = f"{stat.st_mtime_ns}:{stat.st_size}"
+        known = self._loaded.get(str(weights))
+        if known is not None and known[0] == version:
+            return known[1]
+        if known is not None:  # the run saved a newer adapter: drop the old copy, load the new one
+            pipe.delete_adapters(known[1])
+        meta = adapters.read_meta(folder)
+        name = "a" + hashlib.sha1(f"{weights}:{version}".encode()).hexdigest()[:12]
+        try:
+            adapters.module_for(meta.kind).load_into(pipe, folder, name)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise StudioError(f"The adapter in '{choice.path}' does not fit this base model (it was trained on "
+                              f"'{meta.base_model}'); choose that model. ({exc.__class__.__name__})") from None
+        self._loaded[str(weights)] = (version, name)
+        return name
 
     def set_scales(self, model: str, choices: list[AdapterChoice]) -> float:
         """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took."""

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,12 +130,28 @@ def write_builtin(out_dir: Path) -> Path:
 _builtin_lock = threading.Lock()
 
 
+@contextmanager
+def cache_lock(folder: Path):
+    """Exclusive across threads and processes (the app and a CLI run may both write a built-in model)."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _builtin_lock, open(folder.with_name(folder.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_current(folder: Path, version: int) -> bool:
+    marker = folder / BUILTIN_MARKER
+    return marker.exists() and json.loads(marker.read_text()).get("version") == version
+
+
 def ensure_builtin(out_dir: Path) -> Path:
-    with _builtin_lock:
-        marker = out_dir / BUILTIN_MARKER
-        if marker.exists() and json.loads(marker.read_text()).get("version") == BUILTIN_VERSION:
-            return out_dir
-        return write_builtin(out_dir)
+    with cache_lock(out_dir):
+        return out_dir if is_current(out_dir, BUILTIN_VERSION) else write_builtin(out_dir)
 
 
 # ---------------------------------------------------------------------------- device and dtype

@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 def staging(final: Path) -> Path:
     """An empty sibling folder to write into before `swap_into_place`."""
-    tmp = final.with_name(final.name + ".partial")
+    tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")  # per process: two writers never collide
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
 
@@ -35,7 +35,7 @@ def staging(final: Path) -> Path:
 def swap_into_place(tmp: Path, final: Path) -> Path:
     """Replace `final` with the fully written `tmp` by renames, so no reader ever sees half a folder
     and a failure before this point leaves the old `final` as it was."""
-    old = final.with_name(final.name + ".old")
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

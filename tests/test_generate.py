@@ -136,3 +136,29 @@ def test_parse_adapter_arg(text, expected):
 def test_parse_adapter_arg_with_bad_scale():
     with pytest.raises(StudioError, match="RUN_DIR:SCALE"):
         parse_adapter_arg("runs/a:strong")
+
+
+def test_adapter_argument_with_a_colon_in_the_folder_name(tmp_path):
+    from studio.generate import parse_adapter_arg
+
+    folder = tmp_path / "run:v2"
+    folder.mkdir()
+    assert parse_adapter_arg(str(folder)).path == str(folder)
+    assert parse_adapter_arg(f"{folder}:0.25").scale == 0.25
+
+
+def test_a_resaved_adapter_replaces_its_old_copy(trained_run, tmp_path):
+    import os
+    import shutil
+
+    from studio.generate import AdapterChoice, Playground
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    playground = Playground()
+    playground.set_scales("builtin", [AdapterChoice(str(run), 1.0)])
+    pipe, _ = playground.pipeline("builtin")
+    weights = run / "adapter" / "pytorch_lora_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "saved again"
+    playground.set_scales("builtin", [AdapterChoice(str(run), 1.0)])
+    assert len(pipe.get_list_adapters()["unet"]) == 1

@@ -7,7 +7,6 @@ model ships): it lets the whole evaluation run offline, but its numbers say noth
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 from studio import models
@@ -17,7 +16,6 @@ from studio.paths import staging, swap_into_place
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 BUILTIN = "builtin"
 BUILTIN_CLIP_VERSION = 1
-_builtin_lock = threading.Lock()
 
 
 def builtin_clip_dir() -> Path:
@@ -53,9 +51,8 @@ def resolve_clip(name: str | None) -> tuple[str, str | None]:
                                           "CLIP, whose random weights make the numbers meaningless for real concepts.")
     if name == BUILTIN:
         folder = builtin_clip_dir()
-        with _builtin_lock:
-            marker = folder / models.BUILTIN_MARKER
-            if not marker.exists() or json.loads(marker.read_text()).get("version") != BUILTIN_CLIP_VERSION:
+        with models.cache_lock(folder):
+            if not models.is_current(folder, BUILTIN_CLIP_VERSION):
                 write_builtin_clip(folder)
         return str(folder), None
     return name, None
