@@ -96,3 +96,17 @@ def test_run_view_redraws_a_run_from_its_events_alone(trained_run, workspace):
     assert len(raw.y) == 30 and all(v > 0 for v in raw.y)
     assert len(smoothed.y) == 30
     assert len(gallery) == 1  # the final sample
+
+
+def test_small_images_are_enlarged_for_display_with_sharp_pixels():
+    from PIL import Image
+
+    from studio.ui.playground_tab import for_display
+
+    small = Image.new("RGB", (64, 64), (10, 200, 30))
+    small.putpixel((0, 0), (255, 0, 0))
+    shown = for_display(small)
+    assert shown.size == (256, 256)
+    assert shown.getpixel((3, 3)) == (255, 0, 0) and shown.getpixel((4, 4)) == (10, 200, 30)
+    big = Image.new("RGB", (512, 512))
+    assert for_display(big) is big

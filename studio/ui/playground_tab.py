@@ -9,6 +9,15 @@ import gradio as gr
 from studio.ui.context import Studio, friendly
 
 SLOTS = 3  # adapters stacked at once; each has its own scale slider
+DISPLAY_MIN = 256  # small models draw 64 px images; show them enlarged with sharp pixels
+
+
+def for_display(image):
+    """Enlarge a small image by a whole factor, nearest neighbour, so its pixels stay honest."""
+    factor = DISPLAY_MIN // max(image.size)
+    if factor < 2:
+        return image
+    return image.resize((image.width * factor, image.height * factor), resample=0)
 
 
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
@@ -48,7 +57,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         req = request(data)
         start = time.perf_counter()
         base, adapted = studio.playground.generate_pair(req)
-        return base, adapted, f"Base and adapted rendered in {time.perf_counter() - start:.2f} s."
+        return for_display(base), for_display(adapted), f"Base and adapted rendered in {time.perf_counter() - start:.2f} s."
 
     @friendly
     def on_scale(data):
@@ -57,7 +66,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         set_s = studio.playground.set_scales(req.model, req.adapters)
         start = time.perf_counter()
         adapted = studio.playground.generate(req)
-        return adapted, (f"Scale applied in {set_s * 1000:.1f} ms (no reload); image in "
+        return for_display(adapted), (f"Scale applied in {set_s * 1000:.1f} ms (no reload); image in "
                          f"{time.perf_counter() - start:.2f} s.")
 
     generate.click(on_generate, inputs, [base_image, adapted_image, timing], concurrency_id="gpu")
