@@ -19,7 +19,8 @@ from studio.errors import StudioError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-Method = Literal["lora"]
+Method = Literal["lora", "dora", "loha", "lokr"]
+Optimizer = Literal["adamw", "adamw8bit"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
 
@@ -34,11 +35,21 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 class TrainConfig:
     model: str = _help("Base model: a hub id, a local diffusers folder, or 'builtin'. Empty: the default.", "")
     dataset: str = _help("Dataset folder written by the Dataset tab or `studio prep`.", "")
-    method: Method = _help("What trains. 'lora': low-rank adapters on the UNet attention.", "lora")
-    rank: int = _help("LoRA rank r: adapter size and capacity.", 8)
-    alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank.", 8.0)
-    target_modules: list[str] = _help("UNet module names that get adapters.",
+    method: Method = _help("What trains: 'lora' (Hu et al. 2021), 'dora' (weight-decomposed LoRA, Liu et al. "
+                           "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024).", "lora")
+    rank: int = _help("Adapter rank r (LoHa: of each Hadamard factor): size and capacity.", 8)
+    alpha: float = _help("Adapter alpha; the update is scaled by alpha / rank.", 8.0)
+    target_modules: list[str] = _help("UNet module names that get adapters (attention projections by default).",
                                       factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    locon: bool = _help("Also adapt the ResNet convolutions and feed-forward layers (LoCon), not only attention.", False)
+    lokr_factor: int = _help("LoKr: factor of the Kronecker decomposition; -1 picks the most square split.", -1)
+    min_snr_gamma: float = _help("Min-SNR loss weighting (Hang et al. 2023; 5 is their choice); 0 turns it off.", 0.0)
+    noise_offset: float = _help("Offset noise (Guttenberg 2023) for darker darks and brighter brights; ~0.05, 0 is off.", 0.0)
+    gradient_accumulation_steps: int = _help("Average gradients over this many batches per optimizer step.", 1)
+    gradient_checkpointing: bool = _help("Recompute UNet activations in the backward pass: less memory, ~30% slower.", False)
+    flip_p: float = _help("Probability of a horizontal flip per image per step (0 for asymmetric subjects, e.g. text).", 0.0)
+    repeats: int = _help("How many times each image counts per epoch (weights images when mixing datasets).", 1)
+    optimizer: Optimizer = _help("'adamw8bit' (bitsandbytes, GPU only) stores optimizer state in 8 bits.", "adamw")
     learning_rate: float = _help("AdamW learning rate.", 1e-4)
     lr_schedule: LRSchedule = _help("Learning-rate schedule after warm-up.", "constant")
     lr_warmup_steps: int = _help("Linear warm-up from 0 over this many steps.", 0)
@@ -57,13 +68,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        positive = ("rank", "alpha", "learning_rate", "steps", "batch_size", "sample_steps")
+        positive = ("rank", "alpha", "learning_rate", "steps", "batch_size", "sample_steps",
+                    "gradient_accumulation_steps", "repeats")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise StudioError(f"Setting '{name}' must be greater than 0, got {getattr(self, name)!r}.")
-        for name in ("lr_warmup_steps", "sample_every", "checkpoint_every", "max_grad_norm", "seed"):
+        for name in ("lr_warmup_steps", "sample_every", "checkpoint_every", "max_grad_norm", "seed",
+                     "min_snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 raise StudioError(f"Setting '{name}' must be 0 or more, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise StudioError(f"Setting 'flip_p' is a probability between 0 and 1, got {self.flip_p!r}.")
         if not self.target_modules:
             raise StudioError("Setting 'target_modules' must name at least one module, e.g. to_q, to_k, to_v, to_out.0.")
         if self.resolution and (self.resolution < 32 or self.resolution % 8):
@@ -91,6 +106,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -129,6 +146,12 @@ def coerce(name: str, text: str) -> Any:
         raise StudioError(f"Unknown setting '{name}'; known settings are: {', '.join(sorted(types_))}.")
     tp = types_[name]
     try:
+        if tp is bool:
+            if text.lower() in ("true", "yes", "1", "on"):
+                return True
+            if text.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(text)
         if tp is int:
             return int(text)
         if tp is float:

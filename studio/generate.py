@@ -91,7 +91,7 @@ class Playground:
             names = [self._adapter_name(pipe, c) for c in choices]
             start = time.perf_counter()
             if names:
-                adapters.lora.set_scales(pipe, names, [float(c.scale) for c in choices])
+                adapters.set_scales(pipe, names, [float(c.scale) for c in choices])
             elif self._loaded:
                 pipe.disable_lora()
             return time.perf_counter() - start

@@ -97,8 +97,8 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state) -> RunResult:
     torch.manual_seed(cfg.seed)
     frozen = _cache_frozen(pipe, ConceptDataset(Path(cfg.dataset), cfg.resolution), device, dtype)
     adapter = adapters.module_for(cfg.method)
-    adapter.attach(pipe.unet, cfg.rank, cfg.alpha, cfg.target_modules)
-    params = adapter.trainable_parameters(pipe.unet)
+    adapter.attach(pipe, cfg)
+    params = adapter.trainable_parameters(pipe)
     for p in params:  # trainable weights stay float32 under mixed precision
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -119,10 +119,11 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state) -> RunResult:
         step = state["step"]
         emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], time.perf_counter() - start))
         if step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(adapter, pipe.unet, paths.checkpoint(step), cfg, spec, step, paths, emit, checkpoint=True)
+            _save(adapter, pipe, paths.checkpoint(step), cfg, spec, step, paths, emit, checkpoint=True)
         if step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
             _samples(pipe, cfg, spec, paths, step, emit)
-    _save(adapter, pipe.unet, paths.adapter, cfg, spec, state["step"], paths, emit, checkpoint=False)
+    _save(adapter, pipe, paths.adapter, cfg, spec, state["step"], paths, emit, checkpoint=False)
+    _export(adapter, pipe, paths, emit, state["step"])
     if status == "completed":
         _samples(pipe, cfg, spec, paths, state["step"], emit)
     message = (f"Cancelled at step {state['step']}; the adapter so far is saved." if status == "cancelled"
@@ -200,13 +201,26 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         buffer = buffer[batch_size:]
 
 
-def _save(adapter, unet, out_dir: Path, cfg, spec, step, paths: RunPaths, emit, checkpoint: bool) -> None:
-    adapter.save(unet, out_dir)
+def _save(adapter, pipe, out_dir: Path, cfg, spec, step, paths: RunPaths, emit, checkpoint: bool) -> None:
+    adapter.save(pipe, out_dir)
     adapters.write_meta(out_dir, AdapterMeta(kind=cfg.method, base_model=cfg.model, token=spec.token,
                                              class_word=spec.class_word, step=step, rank=cfg.rank,
-                                             alpha=cfg.alpha))
+                                             alpha=cfg.alpha, has_scale=adapter.HAS_SCALE))
     if checkpoint:
         emit(events.Checkpoint(step, str(out_dir.relative_to(paths.root))))
+
+
+def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
+    """Community-format copies of the final adapter, each read back by an independent loader."""
+    from studio.adapters.checks import write_reports
+
+    export = getattr(adapter, "export", None)
+    if export is None:
+        return
+    reports = export(paths.adapter, pipe)
+    write_reports(paths.adapter, reports)
+    for report in reports:
+        emit(events.Progress(step, step, report.summary()))
 
 
 @torch.no_grad()

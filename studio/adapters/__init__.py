@@ -16,7 +16,22 @@ from studio.adapters import lora
 from studio.errors import StudioError
 from studio.paths import ADAPTER_META
 
-ADAPTERS = {lora.KIND: lora}
+# kind -> module; a module may serve several kinds (LoRA and DoRA differ only in one flag).
+ADAPTERS = {kind: module for module in (lora,) for kind in module.KINDS}
+
+# LoCon (kohya): beyond attention, the ResNet convolutions, the transformer's in/out projections
+# and its feed-forward layers. peft matches these names as suffixes of module paths.
+LOCON_MODULES = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def target_modules(cfg) -> list[str]:
+    return list(cfg.target_modules) + (LOCON_MODULES if cfg.locon else [])
+
+
+def set_scales(pipe, names: list[str], scales: list[float]) -> None:
+    """Set the strengths of loaded peft adapters (any kind) in place: no weights are reloaded."""
+    pipe.enable_lora()
+    pipe.set_adapters(names, adapter_weights=scales)
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""The export self-check: a file written for other tools, read back by an independent loader.
+
+Each adapter module's `export(adapter_dir, pipe)` writes the community-format file(s) and returns
+one ExportReport per file; the training run stores them in `export_check.yaml` beside the adapter
+and reports them, so a user learns at once whether AUTOMATIC1111 / ComfyUI / kohya will read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+EXPORT_CHECK = "export_check.yaml"
+
+
+@dataclass
+class ExportReport:
+    file: str  # file name inside the adapter folder
+    format: str  # e.g. "kohya", "lycoris", "a1111-embedding"
+    loader: str  # the independent code that read it back, e.g. "diffusers kohya converter"
+    missing_keys: list[str] = field(default_factory=list)  # expected but not found by the loader
+    unexpected_keys: list[str] = field(default_factory=list)  # found but not understood by the loader
+    max_abs_diff: float | None = None  # UNet output, loader's copy vs the studio's, same input and scale
+    tolerance: float = 1e-4
+    note: str = ""  # why a check could not run, in one sentence
+
+    @property
+    def ok(self) -> bool:
+        return (not self.missing_keys and not self.unexpected_keys and self.max_abs_diff is not None
+                and self.max_abs_diff <= self.tolerance)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.file} ({self.format}) reloads through {self.loader}: same output (max diff {self.max_abs_diff:.1e})."
+        if self.note:
+            return f"{self.file} ({self.format}) was not verified: {self.note}"
+        parts = []
+        if self.missing_keys or self.unexpected_keys:
+            parts.append(f"{len(self.missing_keys)} missing and {len(self.unexpected_keys)} unexpected keys")
+        if self.max_abs_diff is not None and self.max_abs_diff > self.tolerance:
+            parts.append(f"output differs by up to {self.max_abs_diff:.1e}")
+        return f"{self.file} ({self.format}) does not round-trip through {self.loader}: {', '.join(parts)}."
+
+
+def write_reports(adapter_dir: Path, reports: list[ExportReport]) -> None:
+    data = [dict(asdict(r), ok=r.ok) for r in reports]
+    (Path(adapter_dir) / EXPORT_CHECK).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def read_reports(adapter_dir: Path) -> list[ExportReport]:
+    path = Path(adapter_dir) / EXPORT_CHECK
+    if not path.exists():
+        return []
+    rows = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    return [ExportReport(**{k: v for k, v in row.items() if k != "ok"}) for row in rows]
