@@ -43,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an adapter; prints progress")
     train.add_argument("--model", default="", help="hub id, local diffusers folder, or 'builtin'")
-    train.add_argument("--dataset", required=True, type=Path)
+    train.add_argument("--dataset", type=Path, help="required unless --resume")
     train.add_argument("--method", default=None)
     train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--out", type=Path, required=True, help="run folder to create")
+    train.add_argument("--out", type=Path, help="run folder to create (required unless --resume)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue this run from its last checkpoint (--steps sets a new total)")
     train.add_argument("--preset", default=None)
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.set_defaults(func=cmd_train)
@@ -100,15 +102,15 @@ def cmd_prep(args) -> int:
 def cmd_train(args) -> int:
     from studio import events
     from studio.config import build_config
-    from studio.train import run
+    from studio.train import resume, run
 
+    if args.resume is None and (args.dataset is None or args.out is None):
+        raise StudioError("Give --dataset and --out for a new run, or --resume RUN_DIR to continue one.")
     values = {"model": args.model, "dataset": str(args.dataset)}
     if args.method:
         values["method"] = args.method
     if args.steps:
         values["steps"] = args.steps
-    cfg = build_config(args.preset, values, args.overrides)
-
     def show(event) -> None:
         if isinstance(event, events.Step):
             rate = event.elapsed_s / event.step
@@ -121,7 +123,10 @@ def cmd_train(args) -> int:
         elif isinstance(event, events.Progress):
             print(event.message, flush=True)
 
-    result = run(cfg, args.out, on_event=show)
+    if args.resume is not None:
+        result = resume(args.resume, on_event=show, steps=args.steps)
+    else:
+        result = run(build_config(args.preset, values, args.overrides), args.out, on_event=show)
     print(result.message)
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)

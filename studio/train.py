@@ -1,8 +1,11 @@
-"""The one training loop: run(config, run_dir, on_event, should_stop) -> RunResult.
+"""The one training loop: run(config, run_dir, on_event, should_stop) -> RunResult, and resume(run_dir).
 
 Reads top to bottom: resolve inputs (fail before writing anything), write config.yaml, load the
 model, cache what is frozen, attach the adapter, loop, save. It reports only through events and
 checks the stop flag before every step, so Cancel takes effect within one step and still saves.
+
+Randomness is a pure function of (seed, step): each step draws its batch, flips, noise and timesteps
+from its own seeded generator, so a resumed run replays exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from typing import Callable
 
 import torch
 
-from studio import adapters, events, models
+from studio import adapters, checkpoints, events, models
 from studio.adapters import AdapterMeta
-from studio.config import TrainConfig, save_config
+from studio.config import TrainConfig, build_config, load_run_config, save_config
 from studio.data.captions import render
 from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset
 from studio.errors import StudioError
-from studio.objectives import diffusion_target, instance_loss
+from studio.objectives import diffusion_target, instance_loss, min_snr_weights
 from studio.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ class RunResult:
 class _Frozen:
     """Everything that does not change during training, computed once."""
 
-    latent_mean: torch.Tensor  # VAE posterior per image (frozen VAE: encode once, sample per step)
+    latent_mean: torch.Tensor  # (flips, images, ...): VAE posterior of each image, and of its mirror image
     latent_std: torch.Tensor
     text: torch.Tensor  # text-encoder hidden states per caption (frozen text encoder)
     scaling: float
@@ -56,7 +59,8 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     spec = load_dataset(Path(cfg.dataset))
     ref = models.resolve(cfg.model)
     if RunPaths(Path(run_dir)).config.exists():
-        raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder.")
+        raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
+                          "or resume it with `python -m studio train --resume`.")
     resolved = TrainConfig(**{**cfg.to_dict(), "model": ref.name,
                               "dataset": str(Path(cfg.dataset).resolve()),
                               "resolution": cfg.resolution or spec.resolution})
@@ -70,16 +74,49 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     save_config(cfg, paths.config)  # fully resolved, before step 0
     emit = events.Emitter(paths.events, on_event)
     emit(events.Started(paths.run_id, cfg.steps))
-    for notice in filter(None, [ref.notice]):
-        emit(events.Progress(0, cfg.steps, notice))
-    state = {"step": 0}
+    if ref.notice:
+        emit(events.Progress(0, cfg.steps, ref.notice))
+    return _guarded(cfg, spec, ref, paths, emit, should_stop, None)
+
+
+def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callable[[], bool] | None = None,
+           steps: int | None = None) -> RunResult:
+    """Continue a run from its last checkpoint: same step count, optimizer state and loss curve.
+
+    Args:
+        steps: a new total number of steps (to train longer than first planned); None keeps it.
+    """
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.exists():
+        raise StudioError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote.")
+    values = load_run_config(paths.config)
+    if steps is not None:
+        values["steps"] = steps
+    cfg = build_config(values=values)
+    spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model)
+    last = checkpoints.latest(paths)
+    if last is None:
+        raise StudioError(f"Run '{paths.run_id}' has no complete checkpoint to resume from; start a new run.")
+    if last.step >= cfg.steps:
+        raise StudioError(f"Run '{paths.run_id}' already reached step {last.step} of {cfg.steps}; "
+                          "give a larger --steps to train longer.")
+    save_config(cfg, paths.config)
+    checkpoints.truncate_events(paths.events, last.step)  # the curve continues from the checkpoint
+    emit = events.Emitter(paths.events, on_event)
+    emit(events.Progress(last.step, cfg.steps, f"Resumed from step {last.step} of {cfg.steps}."))
+    return _guarded(cfg, spec, ref, paths, emit, should_stop, last)
+
+
+def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from) -> RunResult:
+    """Run the loop; whatever goes wrong ends as one Finished event with one sentence."""
+    state = {"step": resume_from.step if resume_from else 0}
     try:
-        return _train(cfg, spec, ref, paths, emit, should_stop or (lambda: False), state)
+        return _train(cfg, spec, ref, paths, emit, should_stop or (lambda: False), state, resume_from)
     except StudioError as exc:
         message = str(exc)
     except torch.OutOfMemoryError:
-        message = ("The device ran out of memory; lower the batch size or resolution, "
-                   "or choose a smaller rank, and start the run again.")
+        message = ("The device ran out of memory; lower the batch size or resolution, turn on gradient "
+                   "checkpointing, or choose a smaller rank, and resume the run.")
     except Exception as exc:
         (paths.root / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         log.exception("Training run %s failed", paths.run_id)
@@ -88,41 +125,46 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     return RunResult(paths.root, "failed", state["step"], None, message)
 
 
-def _train(cfg, spec, ref, paths, emit, should_stop, state) -> RunResult:
+def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunResult:
     device = models.pick_device()
     dtype, notice = models.resolve_precision(cfg.mixed_precision, device)
     if notice:
-        emit(events.Progress(0, cfg.steps, notice))
+        emit(events.Progress(state["step"], cfg.steps, notice))
     pipe = models.load_pipeline(ref, device, dtype)
-    torch.manual_seed(cfg.seed)
-    frozen = _cache_frozen(pipe, ConceptDataset(Path(cfg.dataset), cfg.resolution), device, dtype)
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    frozen = _cache_frozen(pipe, ConceptDataset(Path(cfg.dataset), cfg.resolution), device, dtype, cfg.flip_p > 0)
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
     params = adapter.trainable_parameters(pipe)
     for p in params:  # trainable weights stay float32 under mixed precision
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    optimizer = _optimizer(cfg, params, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step_fn = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params)
-    order = _batches(len(frozen.text), cfg.batch_size, step_fn.generator)
-    start, status = time.perf_counter(), "completed"
+    stepper = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params)
+    if resume_from is not None:
+        checkpoints.restore(resume_from, pipe, optimizer, schedule, stepper.scaler)
+    start, status = time.perf_counter() - (resume_from.elapsed_s if resume_from else 0.0), "completed"
     pipe.unet.train()
     while state["step"] < cfg.steps:
         if should_stop():
             status = "cancelled"
             break
-        loss = step_fn(next(order))
+        loss = stepper(state["step"] + 1)
         if not math.isfinite(loss):
             raise StudioError(f"The loss became {loss} at step {state['step'] + 1}; lower the learning rate "
                               "and start again (saved checkpoints are kept).")
         state["step"] += 1
         step = state["step"]
-        emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], elapsed))
         if step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save(adapter, pipe, paths.checkpoint(step), cfg, spec, step, paths, emit, checkpoint=True)
+            _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, step, elapsed)
         if step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
             _samples(pipe, cfg, spec, paths, step, emit)
-    _save(adapter, pipe, paths.adapter, cfg, spec, state["step"], paths, emit, checkpoint=False)
+    _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
+    _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
     _export(adapter, pipe, paths, emit, state["step"])
     if status == "completed":
         _samples(pipe, cfg, spec, paths, state["step"], emit)
@@ -144,17 +186,44 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def _optimizer(cfg: TrainConfig, params: list, device: str):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+    if device != "cuda":
+        raise StudioError("8-bit Adam needs a CUDA GPU; set optimizer to 'adamw' on this machine.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise StudioError("8-bit Adam needs the bitsandbytes package; `pip install bitsandbytes`, "
+                          "or set optimizer to 'adamw'.") from None
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
+
+
 @torch.no_grad()
-def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype) -> _Frozen:
-    posterior = pipe.vae.encode(data.pixels.to(device, dtype)).latent_dist
+def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype, flips: bool) -> _Frozen:
+    views = [data.pixels, data.pixels.flip(-1)] if flips else [data.pixels]
+    posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
     tokens = pipe.tokenizer(data.captions, padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
     text = pipe.text_encoder(tokens.input_ids.to(device))[0]
-    return _Frozen(posterior.mean.float(), posterior.std.float(), text, pipe.vae.config.scaling_factor)
+    return _Frozen(torch.stack([p.mean.float() for p in posteriors]),
+                   torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor)
+
+
+def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> torch.Tensor:
+    """Images of one micro-batch: shuffled epochs of n_images x repeats, a pure function of the step."""
+    per_epoch = n_images * cfg.repeats
+    first = ((step - 1) * cfg.gradient_accumulation_steps + micro) * cfg.batch_size
+    picks = []
+    for position in range(first, first + cfg.batch_size):
+        epoch, offset = divmod(position, per_epoch)
+        order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        picks.append(int(order[offset]) % n_images)
+    return torch.tensor(picks)
 
 
 class _Stepper:
-    """One optimizer step: sample latents and noise, predict, regress, update."""
+    """One optimizer step: over each micro-batch sample latents and noise, predict, regress; then update."""
 
     def __init__(self, pipe, frozen: _Frozen, cfg: TrainConfig, device, dtype, optimizer, schedule, params):
         from diffusers import DDPMScheduler
@@ -163,24 +232,19 @@ class _Stepper:
         self.device, self.dtype = device, dtype
         self.optimizer, self.schedule, self.params = optimizer, schedule, params
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        # All randomness from one CPU generator: the same seed gives the same run on any device.
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         half = device == "cuda" and dtype != torch.float32
         self.autocast = torch.autocast("cuda", dtype=dtype) if half else nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=half and dtype == torch.float16)
 
-    def __call__(self, index: torch.Tensor) -> float:
-        f, g = self.frozen, self.generator
-        mean, std = f.latent_mean[index], f.latent_std[index]
-        latents = (mean + std * torch.randn(mean.shape, generator=g).to(mean.device)) * f.scaling
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
-        t = t.to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        with self.autocast:
-            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=f.text[index]).sample
-        loss = instance_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, t))
-        self.scaler.scale(loss).backward()
+    def __call__(self, step: int) -> float:
+        accumulate = self.cfg.gradient_accumulation_steps
+        total = 0.0
+        for micro in range(accumulate):
+            # One CPU generator per (step, micro-batch): the same seed gives the same run on any device.
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + micro)
+            loss = self._loss(batch_indices(self.cfg, self.frozen.text.shape[0], step, micro), g)
+            self.scaler.scale(loss / accumulate).backward()
+            total += loss.item() / accumulate
         if self.cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -188,26 +252,40 @@ class _Stepper:
         self.scaler.update()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
+
+    def _loss(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        f, cfg = self.frozen, self.cfg
+        flip = (torch.rand(len(index), generator=g) < cfg.flip_p).long() if f.latent_mean.shape[0] > 1 \
+            else torch.zeros(len(index), dtype=torch.long)
+        mean, std = f.latent_mean[flip, index], f.latent_std[flip, index]
+        latents = (mean + std * torch.randn(mean.shape, generator=g).to(mean.device)) * f.scaling
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:  # a per-channel constant shift (Guttenberg 2023): learns global brightness
+            noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+        noise = noise.to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
+        t = t.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        with self.autocast:
+            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=f.text[index]).sample
+        weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+        return instance_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, t), weights)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled epochs; a batch may wrap into the next epoch so every batch is full."""
-    buffer: list[int] = []
-    while True:
-        while len(buffer) < batch_size:
-            buffer += torch.randperm(n, generator=generator).tolist()
-        yield torch.tensor(buffer[:batch_size])
-        buffer = buffer[batch_size:]
-
-
-def _save(adapter, pipe, out_dir: Path, cfg, spec, step, paths: RunPaths, emit, checkpoint: bool) -> None:
+def _save(adapter, pipe, out_dir: Path, cfg, spec, step) -> None:
     adapter.save(pipe, out_dir)
     adapters.write_meta(out_dir, AdapterMeta(kind=cfg.method, base_model=cfg.model, token=spec.token,
                                              class_word=spec.class_word, step=step, rank=cfg.rank,
                                              alpha=cfg.alpha, has_scale=adapter.HAS_SCALE))
-    if checkpoint:
-        emit(events.Checkpoint(step, str(out_dir.relative_to(paths.root))))
+
+
+def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, emit, step: int, elapsed: float) -> None:
+    """An adapter usable on its own, plus what resume needs (trainable weights, optimizer state)."""
+    folder = paths.checkpoint(step)
+    _save(adapter, pipe, folder, cfg, spec, step)
+    checkpoints.write_state(folder, pipe, stepper.optimizer, stepper.scaler, step, elapsed)
+    emit(events.Checkpoint(step, str(folder.relative_to(paths.root))))
 
 
 def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:

@@ -144,7 +144,9 @@ def test_events_cover_every_step_then_finish(trained_run):
     assert all(np.isfinite(e.loss) and e.loss > 0 and e.lr == pytest.approx(1e-2) for e in steps)
     assert all(a.elapsed_s <= b.elapsed_s for a, b in zip(steps, steps[1:]))
 
-    assert [(e.step, e.path) for e in log if isinstance(e, events.Checkpoint)] == [(15, "checkpoints/step-000015")]
+    # every 15 steps, and at the end (what a resume or a longer run continues from)
+    assert [(e.step, e.path) for e in log if isinstance(e, events.Checkpoint)] == [
+        (15, "checkpoints/step-000015"), (30, "checkpoints/step-000030")]
     assert adapters.read_meta(trained_run / "checkpoints" / "step-000015").step == 15
     samples = [e for e in log if isinstance(e, events.Sample)]
     assert [s.step for s in samples] == [TRAIN_STEPS]  # sample_every=0: one set, at the end
@@ -222,7 +224,7 @@ def test_reusing_a_run_folder_is_refused_and_keeps_the_run(trained_run, dataset_
 
 
 def test_nan_loss_fails_the_run_with_one_sentence(tmp_path, dataset_dir, builtin_model, monkeypatch):
-    monkeypatch.setattr(train, "instance_loss", lambda pred, target: (pred.float() * float("nan")).mean())
+    monkeypatch.setattr(train, "instance_loss", lambda pred, target, weights=None: (pred.float() * float("nan")).mean())
     result = train.run(small_config(dataset_dir), tmp_path / "run")
     assert (result.status, result.step, result.adapter_dir) == ("failed", 0, None)
     assert "loss became nan" in result.message and "\n" not in result.message
