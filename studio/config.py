@@ -97,6 +97,14 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+def field_kind(name: str) -> tuple[type, tuple]:
+    """(int | float | bool | str | list, the allowed values for a Literal field): what a form control needs."""
+    tp = _field_types()[name]
+    if typing.get_origin(tp) is Literal:
+        return str, typing.get_args(tp)
+    return (typing.get_origin(tp) or tp), ()
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin is Literal:

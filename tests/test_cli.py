@@ -108,3 +108,18 @@ def test_builtin_model_command_writes_a_loadable_diffusers_folder(tmp_path, caps
     assert (out / "model_index.json").exists()
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_train_resume_extends_a_run(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["train", "--resume", str(run), "--steps", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "Resumed from step 30 of 32" in out and "step 32/32" in out
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "already reached step 32 of 32" in _one_sentence_error(capsys)
+
+
+def test_train_without_dataset_or_resume_is_one_sentence(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "--resume RUN_DIR" in _one_sentence_error(capsys)

@@ -110,3 +110,37 @@ def test_small_images_are_enlarged_for_display_with_sharp_pixels():
     assert shown.getpixel((3, 3)) == (255, 0, 0) and shown.getpixel((4, 4)) == (10, 200, 30)
     big = Image.new("RGB", (512, 512))
     assert for_display(big) is big
+
+
+def test_the_train_form_offers_every_method_and_option(tmp_path):
+    from studio.config import field_kind
+
+    app = build_app(Studio(Workspace(tmp_path), "builtin"))
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    assert [c[1] for c in by_id["train-method"].choices] == list(field_kind("method")[1])
+    assert isinstance(by_id["train-gradient_checkpointing"], gr.Checkbox)
+    assert [c[1] for c in by_id["train-optimizer"].choices] == ["adamw", "adamw8bit"]
+    for name in train_tab.FORM | train_tab.MORE:
+        assert f"train-{name}" in by_id, name
+
+
+def test_an_empty_number_box_is_one_sentence(dataset_dir, tmp_path):
+    studio = Studio(Workspace(tmp_path), "builtin")
+    data = {"ds": str(dataset_dir), "preset": "(none)", "model": "builtin", "method": "lora", "steps": None}
+    with pytest.raises(gr.Error, match="'Steps' is empty"):
+        train_tab._start(studio, data, "ds", "preset", "method", "model", {"steps": "steps"}, "lora")
+
+
+def test_resume_in_the_page(trained_run, tmp_path):
+    import shutil
+
+    studio = Studio(Workspace(tmp_path), "builtin")
+    with pytest.raises(gr.Error, match="Choose the run"):
+        train_tab._resume(studio, None)
+    shutil.copytree(trained_run, tmp_path / "runs" / "done")
+    with pytest.raises(gr.Error, match="already finished its 30 steps"):
+        train_tab._resume(studio, "done")
+    shutil.rmtree(tmp_path / "runs" / "done" / "checkpoints")
+    with pytest.raises(gr.Error, match="no complete checkpoint"):
+        train_tab._resume(studio, "done")
+    assert studio.jobs.current() is None

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.config import TrainConfig, field_help, list_presets
+from studio.config import TrainConfig, field_help, field_kind, list_presets
 from studio.ui.context import Studio, friendly
 
-# Settings shown in the form: TrainConfig field name -> label. Values reach the config by these names.
+# Settings shown in the form: TrainConfig field name -> label. Values reach the config by these names,
+# and each control's kind (number, checkbox, dropdown of allowed values) follows the field's type.
 FORM = {
-    "steps": "Steps", "learning_rate": "Learning rate", "rank": "LoRA rank", "alpha": "LoRA alpha",
+    "steps": "Steps", "learning_rate": "Learning rate", "rank": "Rank", "alpha": "Alpha",
     "batch_size": "Batch size", "seed": "Seed", "resolution": "Resolution (0: the dataset's)",
     "mixed_precision": "Mixed precision", "sample_every": "Sample every N steps",
     "checkpoint_every": "Checkpoint every N steps",
 }
-INT_FIELDS = {"steps", "rank", "batch_size", "seed", "resolution", "sample_every", "checkpoint_every"}
+MORE = {
+    "locon": "LoCon: adapt convolutions too", "lokr_factor": "LoKr factor", "lr_schedule": "LR schedule",
+    "lr_warmup_steps": "Warm-up steps", "min_snr_gamma": "Min-SNR gamma", "noise_offset": "Noise offset",
+    "gradient_accumulation_steps": "Gradient accumulation", "gradient_checkpointing": "Gradient checkpointing",
+    "flip_p": "Horizontal flip probability", "repeats": "Repeats per image", "optimizer": "Optimizer",
+    "max_grad_norm": "Gradient clip norm",
+}
+INT_FIELDS = {name for name in {**FORM, **MORE} if field_kind(name)[0] is int}
+
+
+def _control(name: str, label: str, value, help_text: str):
+    kind, choices = field_kind(name)
+    if choices:
+        return gr.Dropdown(list(choices), value=value, label=label, info=help_text, elem_id=f"train-{name}")
+    if kind is bool:
+        return gr.Checkbox(value=value, label=label, info=help_text, elem_id=f"train-{name}")
+    return gr.Number(value=value, label=label, info=help_text, precision=0 if kind is int else None,
+                     elem_id=f"train-{name}")
 
 
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
@@ -24,20 +42,18 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                               allow_custom_value=True)
         preset = gr.Dropdown(["(none)"] + list_presets(), value="(none)", label="Preset",
                              info="values in the preset win over the form's defaults but not over your edits")
-        method = gr.Dropdown(["lora"], value="lora", label="Method")
+        method = gr.Dropdown(list(field_kind("method")[1]), value=defaults.method, label="Method",
+                             info=help_["method"], elem_id="train-method")
         run_name = gr.Textbox(value="lora", label="Run name")
-    fields = {}
     with gr.Row():
-        for name, label in FORM.items():
-            value = getattr(defaults, name)
-            if name == "mixed_precision":
-                fields[name] = gr.Dropdown(["auto", "no", "fp16", "bf16"], value=value, label=label, info=help_[name])
-            else:
-                fields[name] = gr.Number(value=value, label=label, info=help_[name],
-                                         precision=None if isinstance(value, float) else 0, elem_id=f"train-{name}")
+        fields = {name: _control(name, label, getattr(defaults, name), help_[name]) for name, label in FORM.items()}
+    with gr.Accordion("More options", open=False):
+        with gr.Row():
+            fields |= {name: _control(name, label, getattr(defaults, name), help_[name]) for name, label in MORE.items()}
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+        resume = gr.Button("Resume shown run", elem_id="train-resume")
         runs = gr.Dropdown(studio.workspace.list_runs(), label="Run shown", elem_id="train-run",
                            allow_custom_value=True)
     status = gr.Markdown("No run yet.", elem_id="train-status")
@@ -55,6 +71,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
     start.click(on_start, inputs=form_inputs | {run_name}, outputs=[runs])
     cancel.click(friendly(lambda: _cancel(studio)), None, [status])
+    resume.click(friendly(lambda run_id: _resume(studio, run_id)), [runs], [status])
     timer.tick(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
     runs.change(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
     return {"dataset": dataset, "runs": runs}
@@ -67,6 +84,10 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
     if not data[dataset]:
         raise gr.Error("Choose a dataset first (save one in the Dataset tab).", print_exception=False)
     values = {key: data[comp] for key, comp in fields.items()}
+    empty = [key for key, value in values.items() if value is None]
+    if empty:
+        label = {**FORM, **MORE}.get(empty[0], empty[0])
+        raise gr.Error(f"'{label}' is empty; enter a value.", print_exception=False)
     for key in INT_FIELDS & values.keys():  # gr.Number gives floats
         values[key] = int(values[key])
     values.update(model=data[model_box] or studio.default_model, method=data[method],
@@ -88,6 +109,26 @@ def _dataset_path(studio: Studio, choice: str):
 
     path = Path(choice)
     return path if path.is_absolute() else studio.workspace.dataset(choice).root
+
+
+def _resume(studio: Studio, run_id: str | None) -> str:
+    from studio import checkpoints
+    from studio.config import load_run_config
+    from studio.train import resume
+
+    if not run_id:
+        raise gr.Error("Choose the run to resume in 'Run shown'.", print_exception=False)
+    paths = studio.workspace.run(run_id)
+    last = checkpoints.latest(paths)
+    if last is None:
+        raise gr.Error(f"Run '{run_id}' has no complete checkpoint to resume from; start a new run.",
+                       print_exception=False)
+    total = load_run_config(paths.config).get("steps", 0)
+    if last.step >= total:
+        raise gr.Error(f"Run '{run_id}' already finished its {total} steps; to train longer run "
+                       f"`python -m studio train --resume {paths.root} --steps N`.", print_exception=False)
+    studio.jobs.start("train", run_id, paths.root, lambda should_stop: resume(paths.root, should_stop=should_stop))
+    return f"**{run_id}** — resuming from step {last.step}…"
 
 
 def _cancel(studio: Studio) -> str:
