@@ -50,6 +50,13 @@ class TrainConfig:
     flip_p: float = _help("Probability of a horizontal flip per image per step (0 for asymmetric subjects, e.g. text).", 0.0)
     repeats: int = _help("How many times each image counts per epoch (weights images when mixing datasets).", 1)
     optimizer: Optimizer = _help("'adamw8bit' (bitsandbytes, GPU only) stores optimizer state in 8 bits.", "adamw")
+    prior_preservation: bool = _help("Class-specific prior-preservation loss (Ruiz et al. 2023): also train on "
+                                     "images of the class, so 'a dog' still draws any dog.", False)
+    prior_loss_weight: float = _help("Weight of the prior-preservation loss (1.0 in the DreamBooth paper).", 1.0)
+    class_prompt: str = _help("Prompt of the class images; {class} is filled in.", "a photo of {class}")
+    num_class_images: int = _help("Class images to use (the paper: 200-300 at 1000 steps; 100 is common).", 100)
+    class_data_dir: str = _help("A folder of your own class images; empty: the base model draws them (cached).", "")
+    class_image_steps: int = _help("Denoising steps per generated class image.", 25)
     learning_rate: float = _help("AdamW learning rate.", 1e-4)
     lr_schedule: LRSchedule = _help("Learning-rate schedule after warm-up.", "constant")
     lr_warmup_steps: int = _help("Linear warm-up from 0 over this many steps.", 0)
@@ -69,12 +76,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         positive = ("rank", "alpha", "learning_rate", "steps", "batch_size", "sample_steps",
-                    "gradient_accumulation_steps", "repeats")
+                    "gradient_accumulation_steps", "repeats", "num_class_images", "class_image_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise StudioError(f"Setting '{name}' must be greater than 0, got {getattr(self, name)!r}.")
         for name in ("lr_warmup_steps", "sample_every", "checkpoint_every", "max_grad_norm", "seed",
-                     "min_snr_gamma", "noise_offset"):
+                     "min_snr_gamma", "noise_offset", "prior_loss_weight"):
             if getattr(self, name) < 0:
                 raise StudioError(f"Setting '{name}' must be 0 or more, got {getattr(self, name)!r}.")
         if not 0.0 <= self.flip_p <= 1.0:

@@ -38,6 +38,16 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clamped / ratio
 
 
+def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, n_instance: int,
+                            prior_weight: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DreamBooth's objective (Ruiz et al. 2023, eq. 2) on one batch whose first n_instance rows are
+    instance images and the rest class images: MSE(instance) + prior_weight * MSE(class)."""
+    w_instance = None if weights is None else weights[:n_instance]
+    w_class = None if weights is None else weights[n_instance:]
+    return (instance_loss(prediction[:n_instance], target[:n_instance], w_instance)
+            + prior_weight * instance_loss(prediction[n_instance:], target[n_instance:], w_class))
+
+
 def instance_loss(prediction: torch.Tensor, target: torch.Tensor,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in float32, whatever dtype the UNet ran in; optional per-sample weights."""

@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 
-from studio import adapters, checkpoints, events, models
+from studio import adapters, checkpoints, events, models, prior
 from studio.adapters import AdapterMeta
 from studio.config import TrainConfig, build_config, load_run_config, save_config
 from studio.data.captions import render
-from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset
+from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset, load_pixels
 from studio.errors import StudioError
-from studio.objectives import diffusion_target, instance_loss, min_snr_weights
+from studio.objectives import diffusion_target, instance_loss, min_snr_weights, prior_preservation_loss
 from studio.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ class _Frozen:
     latent_std: torch.Tensor
     text: torch.Tensor  # text-encoder hidden states per caption (frozen text encoder)
     scaling: float
+    class_mean: torch.Tensor | None = None  # prior preservation: class images' posteriors
+    class_std: torch.Tensor | None = None
+    class_text: torch.Tensor | None = None  # the class prompt's hidden states, (1, tokens, dim)
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, models.ModelRef]:
@@ -131,8 +134,10 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     if notice:
         emit(events.Progress(state["step"], cfg.steps, notice))
     pipe = models.load_pipeline(ref, device, dtype)
-    torch.manual_seed(cfg.seed)  # adapter initialisation
     frozen = _cache_frozen(pipe, ConceptDataset(Path(cfg.dataset), cfg.resolution), device, dtype, cfg.flip_p > 0)
+    if cfg.prior_preservation:  # drawn by the base model, so before any adapter is attached
+        _cache_class(pipe, frozen, cfg, spec, device, dtype, emit, should_stop)
+    torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
     params = adapter.trainable_parameters(pipe)
@@ -203,11 +208,25 @@ def _optimizer(cfg: TrainConfig, params: list, device: str):
 def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype, flips: bool) -> _Frozen:
     views = [data.pixels, data.pixels.flip(-1)] if flips else [data.pixels]
     posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
-    tokens = pipe.tokenizer(data.captions, padding="max_length", truncation=True,
-                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    text = pipe.text_encoder(tokens.input_ids.to(device))[0]
+    text = _encode_prompts(pipe, data.captions, device)
     return _Frozen(torch.stack([p.mean.float() for p in posteriors]),
                    torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def _cache_class(pipe, frozen: _Frozen, cfg, spec, device, dtype, emit, should_stop) -> None:
+    files = prior.class_images(pipe, cfg, spec.class_word, emit, should_stop)
+    if not files:
+        return  # cancelled before the first class image: the loop stops at once
+    posterior = pipe.vae.encode(load_pixels(files, cfg.resolution).to(device, dtype)).latent_dist
+    frozen.class_mean, frozen.class_std = posterior.mean.float(), posterior.std.float()
+    frozen.class_text = _encode_prompts(pipe, [render(cfg.class_prompt, "", spec.class_word)], device)
+
+
+def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    tokens = pipe.tokenizer(prompts, padding="max_length", truncation=True,
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    return pipe.text_encoder(tokens.input_ids.to(device))[0]
 
 
 def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> torch.Tensor:
@@ -258,19 +277,27 @@ class _Stepper:
         f, cfg = self.frozen, self.cfg
         flip = (torch.rand(len(index), generator=g) < cfg.flip_p).long() if f.latent_mean.shape[0] > 1 \
             else torch.zeros(len(index), dtype=torch.long)
-        mean, std = f.latent_mean[flip, index], f.latent_std[flip, index]
+        mean, std, text = f.latent_mean[flip, index], f.latent_std[flip, index], f.text[index]
+        with_prior = f.class_mean is not None
+        if with_prior:  # as many class images as instance images, in the same UNet call
+            picks = torch.randint(0, len(f.class_mean), (len(index),), generator=g)
+            mean, std = torch.cat([mean, f.class_mean[picks]]), torch.cat([std, f.class_std[picks]])
+            text = torch.cat([text, f.class_text.expand(len(index), -1, -1)])
         latents = (mean + std * torch.randn(mean.shape, generator=g).to(mean.device)) * f.scaling
         noise = torch.randn(latents.shape, generator=g)
         if cfg.noise_offset:  # a per-channel constant shift (Guttenberg 2023): learns global brightness
             noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
         noise = noise.to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with self.autocast:
-            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=f.text[index]).sample
+            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-        return instance_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, t), weights)
+        target = diffusion_target(self.noise_scheduler, latents, noise, t)
+        if with_prior:
+            return prior_preservation_loss(pred, target, len(index), cfg.prior_loss_weight, weights)
+        return instance_loss(pred, target, weights)
 
 
 def _save(adapter, pipe, out_dir: Path, cfg, spec, step) -> None:

@@ -126,24 +126,29 @@ def prep_folder(src: Path, out: Path, token: str, class_word: str, resolution: i
     return save_dataset(DatasetPaths(Path(out)), prepared, captions, token, class_word, resolution, template), problems
 
 
+def load_pixels(files: list[Path], resolution: int):
+    """Images as one (n, 3, resolution, resolution) tensor in [-1, 1], centre-cropped where not square."""
+    import numpy as np
+    import torch
+
+    tensors = []
+    for path in files:
+        im = open_photo(path, min_side=1)  # a dataset's own images were checked when imported
+        if im.size != (resolution, resolution):
+            im, _ = center_crop_resize(im, resolution)
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        tensors.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(tensors)
+
+
 class ConceptDataset:
     """Training view of a dataset: (pixel tensor in [-1, 1], caption) pairs at the training resolution."""
 
     def __init__(self, root: Path, resolution: int):
-        import numpy as np
-        import torch
-
         self.spec = load_dataset(root)
         images = DatasetPaths(Path(root)).images
         self.captions = [item.caption for item in self.spec.items]
-        tensors = []
-        for item in self.spec.items:
-            im = Image.open(images / item.file).convert("RGB")
-            if im.size != (resolution, resolution):
-                im, _ = center_crop_resize(im, resolution)
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-            tensors.append(torch.from_numpy(arr).permute(2, 0, 1))
-        self.pixels = torch.stack(tensors)
+        self.pixels = load_pixels([images / item.file for item in self.spec.items], resolution)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -13,7 +13,7 @@ MAX_PIXELS = 100_000_000
 MIN_SIDE = 64
 
 
-def open_photo(path: Path, display_name: str | None = None) -> Image.Image:
+def open_photo(path: Path, display_name: str | None = None, min_side: int = MIN_SIDE) -> Image.Image:
     """Decode, apply EXIF orientation, convert to RGB; one sentence on failure naming the file."""
     name = display_name or Path(path).name
     try:
@@ -29,9 +29,9 @@ def open_photo(path: Path, display_name: str | None = None) -> Image.Image:
         raise StudioError(f"'{name}' is not an image file the studio can read; use JPEG, PNG or WebP.") from None
     except (OSError, SyntaxError, ValueError):
         raise StudioError(f"'{name}' is damaged or truncated and cannot be decoded; export it again.") from None
-    if min(oriented.size) < MIN_SIDE:
+    if min(oriented.size) < min_side:
         raise StudioError(f"'{name}' is only {oriented.width}×{oriented.height} pixels; "
-                          f"use photos at least {MIN_SIDE} pixels on each side.")
+                          f"use photos at least {min_side} pixels on each side.")
     return _to_rgb(oriented)
 
 

@@ -21,6 +21,9 @@ MORE = {
     "gradient_accumulation_steps": "Gradient accumulation", "gradient_checkpointing": "Gradient checkpointing",
     "flip_p": "Horizontal flip probability", "repeats": "Repeats per image", "optimizer": "Optimizer",
     "max_grad_norm": "Gradient clip norm",
+    "prior_preservation": "Prior preservation (DreamBooth)", "prior_loss_weight": "Prior loss weight",
+    "class_prompt": "Class prompt", "num_class_images": "Class images", "class_data_dir": "Own class images folder",
+    "class_image_steps": "Steps per class image",
 }
 INT_FIELDS = {name for name in {**FORM, **MORE} if field_kind(name)[0] is int}
 
@@ -31,6 +34,8 @@ def _control(name: str, label: str, value, help_text: str):
         return gr.Dropdown(list(choices), value=value, label=label, info=help_text, elem_id=f"train-{name}")
     if kind is bool:
         return gr.Checkbox(value=value, label=label, info=help_text, elem_id=f"train-{name}")
+    if kind is str:
+        return gr.Textbox(value=value, label=label, info=help_text, elem_id=f"train-{name}")
     return gr.Number(value=value, label=label, info=help_text, precision=0 if kind is int else None,
                      elem_id=f"train-{name}")
 
