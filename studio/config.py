@@ -19,7 +19,7 @@ from studio.errors import StudioError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-Method = Literal["lora", "dora", "loha", "lokr"]
+Method = Literal["lora", "dora", "loha", "lokr", "embedding"]
 Optimizer = Literal["adamw", "adamw8bit"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
@@ -36,7 +36,10 @@ class TrainConfig:
     model: str = _help("Base model: a hub id, a local diffusers folder, or 'builtin'. Empty: the default.", "")
     dataset: str = _help("Dataset folder written by the Dataset tab or `studio prep`.", "")
     method: Method = _help("What trains: 'lora' (Hu et al. 2021), 'dora' (weight-decomposed LoRA, Liu et al. "
-                           "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024).", "lora")
+                           "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024), "
+                           "'embedding' (textual inversion: one new token's embedding, Gal et al. 2022).", "lora")
+    initializer_token: str = _help("Textual inversion: the word the new token's embedding starts from; "
+                                   "empty takes the class word's last word.", "")
     rank: int = _help("Adapter rank r (LoHa: of each Hadamard factor): size and capacity.", 8)
     alpha: float = _help("Adapter alpha; the update is scaled by alpha / rank.", 8.0)
     target_modules: list[str] = _help("UNet module names that get adapters (attention projections by default).",

@@ -48,11 +48,19 @@ def parse_adapter_arg(text: str) -> AdapterChoice:
     raise StudioError(f"Adapter '{text}' must look like RUN_DIR or RUN_DIR:SCALE with a number as scale.")
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    version: str  # modification time and size of the weights file
+    name: str  # adapter name inside the pipeline
+    module: object  # the adapter module that loaded it
+    folder: Path
+
+
 class Playground:
     def __init__(self, cache: models.PipelineCache | None = None):
         self.cache = cache or models.PipelineCache()
         self._lock = threading.RLock()
-        self._loaded: dict[str, tuple[str, str]] = {}  # weights file -> (its version, adapter name)
+        self._loaded: dict[str, _Loaded] = {}  # weights file -> what is loaded from it
         self._pipe = None  # the pipeline the adapters in _loaded live in
 
     def pipeline(self, model: str):
@@ -64,35 +72,52 @@ class Playground:
             self._pipe, self._loaded = pipe, {}
         return pipe, ref
 
-    def _adapter_name(self, pipe, choice: AdapterChoice) -> str:
+    def _load(self, pipe, choice: AdapterChoice) -> _Loaded:
+        """The adapter of a choice, loaded into the pipeline once per version of its file."""
         folder = adapters.find_adapter_dir(Path(choice.path))
-        weights = (folder / LORA_WEIGHTS).resolve()
+        meta = adapters.read_meta(folder)
+        module = adapters.module_for(meta.kind)
+        weights = (folder / getattr(module, "WEIGHTS", LORA_WEIGHTS)).resolve()  # LoHa/LoKr: peft's file
         stat = weights.stat()
         version = f"{stat.st_mtime_ns}:{stat.st_size}"
         known = self._loaded.get(str(weights))
-        if known is not None and known[0] == version:
-            return known[1]
+        if known is not None and known.version == version:
+            return known
         if known is not None:  # the run saved a newer adapter: drop the old copy, load the new one
-            pipe.delete_adapters(known[1])
-        meta = adapters.read_meta(folder)
+            self._unload(pipe, str(weights))
         name = "a" + hashlib.sha1(f"{weights}:{version}".encode()).hexdigest()[:12]
         try:
-            adapters.module_for(meta.kind).load_into(pipe, folder, name)
+            module.load_into(pipe, folder, name)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise StudioError(f"The adapter in '{choice.path}' does not fit this base model (it was trained on "
                               f"'{meta.base_model}'); choose that model. ({exc.__class__.__name__})") from None
-        self._loaded[str(weights)] = (version, name)
-        return name
+        self._loaded[str(weights)] = _Loaded(version, name, module, folder)
+        return self._loaded[str(weights)]
+
+    def _unload(self, pipe, key: str) -> None:
+        loaded = self._loaded.pop(key)
+        if loaded.module.HAS_SCALE:
+            pipe.delete_adapters(loaded.name)
+        else:
+            loaded.module.unload(pipe, loaded.folder)
 
     def set_scales(self, model: str, choices: list[AdapterChoice]) -> float:
-        """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took."""
+        """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took.
+
+        Kinds without a scale (an embedding) are on at any scale but 0, and off (unloaded) at 0.
+        """
         with self._lock:
             pipe, _ = self.pipeline(model)
-            names = [self._adapter_name(pipe, c) for c in choices]
+            wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
-            if names:
-                adapters.set_scales(pipe, names, [float(c.scale) for c in choices])
-            elif self._loaded:
+            scaled = [(l.name, float(c.scale)) for c, l in wanted if l.module.HAS_SCALE]
+            keep = {str(l.folder) for c, l in wanted if l.module.HAS_SCALE or c.scale != 0}
+            for key, loaded in list(self._loaded.items()):
+                if not loaded.module.HAS_SCALE and str(loaded.folder) not in keep:
+                    self._unload(pipe, key)
+            if scaled:
+                adapters.set_scales(pipe, [n for n, _ in scaled], [s for _, s in scaled])
+            elif any(l.module.HAS_SCALE for l in self._loaded.values()):
                 pipe.disable_lora()
             return time.perf_counter() - start
 

@@ -21,6 +21,9 @@ RUN_CONFIG = "config.yaml"
 EVENTS = "events.jsonl"
 ADAPTER_META = "adapter.yaml"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # LoHa / LoKr in peft's own format
+PEFT_CONFIG = "adapter_config.json"
+LYCORIS_EXPORT = "lycoris.safetensors"  # LoHa / LoKr with kohya/LyCORIS key names
 RESULTS_CSV = "results.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 

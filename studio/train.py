@@ -48,11 +48,14 @@ class _Frozen:
 
     latent_mean: torch.Tensor  # (flips, images, ...): VAE posterior of each image, and of its mirror image
     latent_std: torch.Tensor
-    text: torch.Tensor  # text-encoder hidden states per caption (frozen text encoder)
+    text: torch.Tensor | None  # text-encoder hidden states per caption (None: the text encoder trains)
     scaling: float
     class_mean: torch.Tensor | None = None  # prior preservation: class images' posteriors
     class_std: torch.Tensor | None = None
     class_text: torch.Tensor | None = None  # the class prompt's hidden states, (1, tokens, dim)
+    captions: list[str] | None = None
+    token_ids: torch.Tensor | None = None  # captions as token ids, when text is encoded every step
+    n_images: int = 0
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, models.ModelRef]:
@@ -140,12 +143,14 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
+    if getattr(adapter, "TRAINS_TEXT", False):  # the captions' encoding changes as the embedding learns
+        frozen.text, frozen.token_ids = None, _tokenize(pipe, frozen.captions, device)
     params = adapter.trainable_parameters(pipe)
     for p in params:  # trainable weights stay float32 under mixed precision
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    optimizer = _optimizer(cfg, params, device)
+    optimizer = _optimizer(cfg, params, device, getattr(adapter, "WEIGHT_DECAY", 1e-2))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     stepper = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params)
     if resume_from is not None:
@@ -191,9 +196,9 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(cfg: TrainConfig, params: list, device: str):
+def _optimizer(cfg: TrainConfig, params: list, device: str, weight_decay: float):
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=weight_decay)
     if device != "cuda":
         raise StudioError("8-bit Adam needs a CUDA GPU; set optimizer to 'adamw' on this machine.")
     try:
@@ -201,7 +206,7 @@ def _optimizer(cfg: TrainConfig, params: list, device: str):
     except ImportError:
         raise StudioError("8-bit Adam needs the bitsandbytes package; `pip install bitsandbytes`, "
                           "or set optimizer to 'adamw'.") from None
-    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=weight_decay)
 
 
 @torch.no_grad()
@@ -209,8 +214,10 @@ def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype, flips: bool) -
     views = [data.pixels, data.pixels.flip(-1)] if flips else [data.pixels]
     posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
     text = _encode_prompts(pipe, data.captions, device)
-    return _Frozen(torch.stack([p.mean.float() for p in posteriors]),
-                   torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor)
+    frozen = _Frozen(torch.stack([p.mean.float() for p in posteriors]),
+                     torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor)
+    frozen.captions, frozen.n_images = list(data.captions), len(data.captions)
+    return frozen
 
 
 @torch.no_grad()
@@ -223,10 +230,13 @@ def _cache_class(pipe, frozen: _Frozen, cfg, spec, device, dtype, emit, should_s
     frozen.class_text = _encode_prompts(pipe, [render(cfg.class_prompt, "", spec.class_word)], device)
 
 
+def _tokenize(pipe, prompts: list[str], device) -> torch.Tensor:
+    return pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+
+
 def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
-    tokens = pipe.tokenizer(prompts, padding="max_length", truncation=True,
-                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids.to(device))[0]
+    return pipe.text_encoder(_tokenize(pipe, prompts, device))[0]
 
 
 def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> torch.Tensor:
@@ -247,7 +257,7 @@ class _Stepper:
     def __init__(self, pipe, frozen: _Frozen, cfg: TrainConfig, device, dtype, optimizer, schedule, params):
         from diffusers import DDPMScheduler
 
-        self.unet, self.frozen, self.cfg = pipe.unet, frozen, cfg
+        self.unet, self.text_encoder, self.frozen, self.cfg = pipe.unet, pipe.text_encoder, frozen, cfg
         self.device, self.dtype = device, dtype
         self.optimizer, self.schedule, self.params = optimizer, schedule, params
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -261,7 +271,7 @@ class _Stepper:
         for micro in range(accumulate):
             # One CPU generator per (step, micro-batch): the same seed gives the same run on any device.
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + micro)
-            loss = self._loss(batch_indices(self.cfg, self.frozen.text.shape[0], step, micro), g)
+            loss = self._loss(batch_indices(self.cfg, self.frozen.n_images, step, micro), g)
             self.scaler.scale(loss / accumulate).backward()
             total += loss.item() / accumulate
         if self.cfg.max_grad_norm:
@@ -277,12 +287,11 @@ class _Stepper:
         f, cfg = self.frozen, self.cfg
         flip = (torch.rand(len(index), generator=g) < cfg.flip_p).long() if f.latent_mean.shape[0] > 1 \
             else torch.zeros(len(index), dtype=torch.long)
-        mean, std, text = f.latent_mean[flip, index], f.latent_std[flip, index], f.text[index]
+        mean, std = f.latent_mean[flip, index], f.latent_std[flip, index]
         with_prior = f.class_mean is not None
         if with_prior:  # as many class images as instance images, in the same UNet call
             picks = torch.randint(0, len(f.class_mean), (len(index),), generator=g)
             mean, std = torch.cat([mean, f.class_mean[picks]]), torch.cat([std, f.class_std[picks]])
-            text = torch.cat([text, f.class_text.expand(len(index), -1, -1)])
         latents = (mean + std * torch.randn(mean.shape, generator=g).to(mean.device)) * f.scaling
         noise = torch.randn(latents.shape, generator=g)
         if cfg.noise_offset:  # a per-channel constant shift (Guttenberg 2023): learns global brightness
@@ -292,6 +301,9 @@ class _Stepper:
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with self.autocast:
+            text = f.text[index] if f.text is not None else self.text_encoder(f.token_ids[index])[0]
+            if with_prior:
+                text = torch.cat([text, f.class_text.expand(len(index), -1, -1).to(text.dtype)])
             pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
         target = diffusion_target(self.noise_scheduler, latents, noise, t)

@@ -47,7 +47,7 @@ def test_unknown_key_in_override_is_refused():
     ("learning_rate", "fast"),
     ("lr_schedule", "linear"),
     ("mixed_precision", "fp8"),
-    ("method", "dora"),
+    ("method", "dreambooth-xl"),
     ("target_modules", "to_q"),
     ("target_modules", ["to_q", 3]),
     ("sample_prompts", None),

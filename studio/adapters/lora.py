@@ -6,9 +6,12 @@ load_into. Scales are set for all peft kinds alike by `studio.adapters.set_scale
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from studio.paths import LORA_WEIGHTS, staging, swap_into_place
+
+log = logging.getLogger(__name__)
 
 KINDS = ("lora", "dora")
 HAS_SCALE = True
@@ -33,11 +36,16 @@ def trainable_parameters(pipe) -> list:
 
 
 def state_dict(unet) -> dict:
-    """The UNet's LoRA/DoRA weights with diffusers' key names (what save_lora_weights expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The UNet's LoRA/DoRA weights with peft's key names (module.lora_A.weight), which
+    `load_lora_weights` reads as they are.
+
+    Not `convert_state_dict_to_diffusers`: it renames attention keys to the old `.lora.down` form but
+    leaves convolution keys as `lora_A`, and the loader, seeing `lora_A`, then skips every attention
+    key of a LoCon adapter.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save(pipe, out_dir: Path) -> Path:
@@ -47,10 +55,226 @@ def save(pipe, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     tmp = staging(out_dir)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict(pipe.unet).items()}
+    # The LoraConfig goes into the file's metadata: without it load_lora_weights assumes alpha = rank,
+    # and an adapter trained with alpha != rank reloads at the wrong strength (rank/alpha times too strong).
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=weights, weight_name=LORA_WEIGHTS,
-                                              safe_serialization=True)
+                                              safe_serialization=True,
+                                              unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
     return swap_into_place(tmp, out_dir)
 
 
 def load_into(pipe, adapter_dir: Path, name: str) -> None:
     pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+
+
+# ---------------------------------------------------------------------------- community export (kohya)
+#
+# AUTOMATIC1111, ComfyUI and kohya's tools read "kohya" LoRA files: one flat safetensors dict whose
+# keys name UNet modules with '.' replaced by '_'. For SD 1.x/2.x kohya's sd-scripts write the
+# diffusers module layout (lora_unet_down_blocks_0_attentions_0_..., as LyCORIS does), and that is what
+# is written here; SDXL files use the original LDM layout (input_blocks_4_1_...), which
+# `ldm_module_name` maps to for when SDXL is exported. With LDM names on SD 1.5, diffusers' converter
+# cannot tell output_blocks_1 from output_blocks_10 (it matches by substring) and refuses the file.
+#
+#   lora_unet_<module>.lora_down.weight   A (rank x in), peft's lora_A
+#   lora_unet_<module>.lora_up.weight     B (out x rank), peft's lora_B
+#   lora_unet_<module>.alpha              scalar lora_alpha; the update is up @ down * alpha / rank
+#   lora_unet_<module>.dora_scale         DoRA magnitude, (out, 1) for linear, (out, 1, 1, 1) for
+#                                             conv: ComfyUI's weight_decompose divides it by the per-
+#                                             output-row norm of shape (out, 1, ...), so it must broadcast.
+#
+# The file sits beside the diffusers-format weights, so the studio's own loading is unchanged.
+
+KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+KOHYA_LOADER = "diffusers kohya converter"
+
+# diffusers ResNet block layer -> the LDM ResBlock layer with the same weights.
+_LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+               "time_emb_proj": "emb_layers.1", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+_LDM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+
+
+def ldm_module_name(path: str, config) -> str:
+    """The LDM (original SD) name of a diffusers UNet2DConditionModel module path.
+
+    Args:
+        path: e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".
+        config: the UNet's config (layers_per_block, up_block_types).
+    Returns:
+        e.g. "input_blocks.1.1.transformer_blocks.0.attn1.to_q". Attention internals keep their names
+        (the LDM SpatialTransformer uses the same ones); ResNet layers are renamed (_LDM_RESNET).
+    Raises:
+        ValueError for a module that has no LDM counterpart this mapping knows.
+    """
+    for name, ldm in _LDM_TOP.items():
+        if path == name or path.startswith(name + "."):
+            return ldm + path[len(name):]
+    lpb = config.layers_per_block
+    if not isinstance(lpb, int):
+        raise ValueError(f"per-block layers_per_block {lpb!r} has no single LDM numbering")
+    parts = path.split(".")
+    if parts[0] == "mid_block":  # middle_block: resnet 0, attention, resnet 1
+        kind, i, rest = parts[1], int(parts[2]), parts[3:]
+        slot = {"resnets": 2 * i, "attentions": 1}[kind]
+        return _join("middle_block", slot, kind, rest)
+    if parts[0] not in ("down_blocks", "up_blocks"):
+        raise ValueError(f"'{path}' is outside the UNet blocks")
+    block, kind, i, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":  # input_blocks: conv_in, then per block lpb x (resnet, attn) + downsampler
+        if kind == "downsamplers":
+            return _join(f"input_blocks.{(block + 1) * (lpb + 1)}", 0, "op", rest[1:], raw=True)
+        return _join(f"input_blocks.{1 + block * (lpb + 1) + i}", {"resnets": 0, "attentions": 1}[kind], kind, rest)
+    # output_blocks: per block (lpb + 1) x (resnet, attn); the upsampler follows the last layer's
+    # resnet (slot 1) or its attention (slot 2).
+    if kind == "upsamplers":
+        slot = 2 if "CrossAttn" in config.up_block_types[block] else 1
+        return _join(f"output_blocks.{block * (lpb + 1) + lpb}", slot, "conv", rest[1:], raw=True)
+    return _join(f"output_blocks.{block * (lpb + 1) + i}", {"resnets": 0, "attentions": 1}[kind], kind, rest)
+
+
+def _join(prefix: str, slot: int, kind: str, rest: list[str], raw: bool = False) -> str:
+    if raw:  # down/upsampler: its single conv is the named LDM layer itself
+        return ".".join([prefix, str(slot), kind, *rest])
+    if kind == "resnets":
+        head = ".".join(rest)
+        for name, ldm in _LDM_RESNET.items():
+            if head == name or head.startswith(name + "."):
+                return f"{prefix}.{slot}.{ldm}{head[len(name):]}"
+        raise ValueError(f"ResNet layer '{head}' has no LDM counterpart")
+    return ".".join([prefix, str(slot), *rest])
+
+
+def kohya_state_dict(unet, adapter: str = "default") -> dict:
+    """The UNet's LoRA/DoRA weights under kohya key names (see the comment above KOHYA_WEIGHTS).
+
+    diffusers' `convert_state_dict_to_kohya` does the lora_A/B -> lora_down/up renaming and the '.' -> '_'
+    flattening. It is not enough alone: it writes alpha = rank rather than lora_alpha, and leaves
+    DoRA's magnitude under a name and shape no kohya reader knows. Those two are done here.
+    """
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_sd = get_peft_model_state_dict(unet, adapter_name=adapter)
+    lora_config = unet.peft_config[adapter]
+    ab, magnitudes = {}, {}
+    for key, value in peft_sd.items():
+        module, _, param = key.partition(".lora_")
+        ldm = "unet." + module
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        if param == "magnitude_vector":
+            # peft: (out,) linear, (1, out, 1, ...) conv -> kohya/LyCORIS: (out, 1, ...).
+            shape = (value.numel(),) + (1,) * (value.dim() - 1 if value.dim() > 1 else 1)
+            magnitudes[_kohya_name(ldm)] = value.reshape(shape)
+        else:
+            ab[f"{ldm}.lora_{param}"] = value
+    out = convert_state_dict_to_kohya(ab)
+    for key in [k for k in out if k.endswith(".alpha")]:
+        out[key] = torch.tensor(float(lora_config.lora_alpha))  # not the converter's alpha = rank
+    out.update({f"{name}.dora_scale": m for name, m in magnitudes.items()})
+    return out
+
+
+def _kohya_name(path: str) -> str:
+    return "lora_" + path.replace(".", "_")  # "unet.down_blocks.1..." -> "lora_unet_down_blocks_1..."
+
+
+def export(adapter_dir: Path, pipe) -> list:
+    """Write KOHYA_WEIGHTS into `adapter_dir` and read it back with diffusers' kohya converter.
+
+    Returns one ExportReport: the file's keys against the studio's, which adapted modules the loader
+    rebuilt, and the UNet output of the loader's copy against the studio's on one fixed input.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(adapter_dir) / KOHYA_WEIGHTS
+    tmp = path.with_name(path.name + ".partial")
+    save_file(kohya_state_dict(pipe.unet), str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    tmp.replace(path)
+    return [check_kohya_file(path, pipe.unet)]
+
+
+def check_kohya_file(path: Path, unet, adapter: str = "default"):
+    """Read a kohya file back with diffusers' converter into a copy of the base UNet and compare.
+
+    Keys: the file's against those the studio writes for `unet`. Modules: which ones got an adapter
+    from the file, against those adapted in `unet`. Output: both UNets in float32 on one fixed input,
+    the studio's adapter at scale 1.
+    """
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.adapters.checks import ExportReport
+
+    report = ExportReport(file=Path(path).name, format="kohya", loader=KOHYA_LOADER, tolerance=1e-4)
+    expected, found = set(kohya_state_dict(unet, adapter)), set(load_file(str(path)))
+    report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
+
+    studio = copy.deepcopy(unet).float().eval()
+    studio.set_adapters([adapter], weights=[1.0])
+    loaded = copy.deepcopy(studio)
+    loaded.unload_lora()  # the frozen base weights, without any adapter
+    try:
+        load_kohya_into(loaded, path, adapter_name="kohya")
+    except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
+        log.warning("diffusers could not load %s", path, exc_info=True)
+        report.note = f"diffusers' kohya converter refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
+        return report
+    want, got = _adapted_modules(studio, adapter), _adapted_modules(loaded, "kohya")
+    name = lambda m: _kohya_name("unet." + m)  # noqa: E731
+    report.missing_keys += sorted(name(m) for m in want - got)
+    report.unexpected_keys += sorted(name(m) for m in got - want)
+    with torch.no_grad():
+        inputs = _fixed_unet_input(studio)
+        diff = (studio(**inputs).sample - loaded.eval()(**inputs).sample).abs().max()
+    report.max_abs_diff = float(diff)
+    return report
+
+
+def load_kohya_into(unet, path: Path, adapter_name: str) -> None:
+    """diffusers' own kohya reading, as `StableDiffusionPipeline.load_lora_weights` does it, with two
+    helps it needs for these files (both measured with diffusers 0.42):
+
+    - the SD 1.x pipeline does not pass `unet_config` to `lora_state_dict`, so LDM block numbers
+      (input_blocks_4_1_...) are not remapped and land on the wrong modules; it is passed here;
+    - `lora_state_dict` drops `dora_scale` keys with a warning, so DoRA would silently load as LoRA;
+      the converter it calls afterwards does map them, so it is called directly. Its magnitude is
+      reshaped from kohya's (out, 1, ...) to peft's layout, which the converter leaves as it is.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers)
+    from safetensors.torch import load_file
+
+    state = _maybe_map_sgm_blocks_to_diffusers(load_file(str(path)), unet.config)
+    state, alphas = _convert_non_diffusers_lora_to_diffusers(state)
+    modules = dict(unet.named_modules())
+    for key in [k for k in state if "lora_magnitude_vector" in k]:
+        module = key.removeprefix("unet.").replace(".processor.", ".").split(".lora_magnitude_vector")[0]
+        module += ".0" if module.endswith(".to_out") else ""  # the converter drops to_out's index
+        weight = getattr(modules.get(module), "weight", None)
+        if weight is not None:  # linear (out,); conv (1, out, 1, ...) as peft stores it
+            state[key] = state[key].reshape(-1) if weight.dim() == 2 else state[key].reshape(1, -1, *[1] * (weight.dim() - 2))
+    StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=alphas, unet=unet, adapter_name=adapter_name)
+
+
+def _adapted_modules(unet, adapter: str) -> set[str]:
+    return {name for name, m in unet.named_modules() if adapter in getattr(m, "lora_A", {})}
+
+
+def _fixed_unet_input(unet) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    c, size = unet.config, unet.config.sample_size
+    device = next(unet.parameters()).device
+    return dict(sample=torch.randn(1, c.in_channels, size, size, generator=g).to(device),
+                timestep=torch.tensor([500], device=device),
+                encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, generator=g).to(device))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

@@ -1,0 +1,244 @@
+"""LoHa and LoKr (LyCORIS, Yeh et al. 2024) on the UNet through peft; saved in peft's own format.
+
+Same interface as `lora.py`. diffusers' `load_lora_weights` refuses these files (it wants 'lora' in
+every key), so the native copy is peft's: `adapter_model.safetensors` (get_peft_model_state_dict)
+plus `adapter_config.json`, loaded back with add_adapter + set_peft_model_state_dict. The adapter
+lives in the UNet's peft_config like a LoRA, so `studio.adapters.set_scales` works for it unchanged.
+
+`export` also writes `lycoris.safetensors` with the kohya/LyCORIS key names AUTOMATIC1111 and
+ComfyUI read, and checks it by loading it with the `lycoris-lora` package onto a fresh UNet.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from studio.adapters.checks import ExportReport
+from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS, staging, swap_into_place
+
+KINDS = ("loha", "lokr")
+HAS_SCALE = True
+WEIGHTS = PEFT_WEIGHTS  # the file whose version the playground watches
+PARAM_PREFIXES = ("hada_", "lokr_")
+KOHYA_UNET_PREFIX = "lora_unet"
+
+
+def _config(cfg):
+    from peft import LoHaConfig, LoKrConfig
+
+    from studio.adapters import target_modules
+
+    # peft's default init: LoHa w2_a = 0 and LoKr w2 = 0, so the adapter starts as an exact no-op.
+    if cfg.method == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules(cfg))
+    return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules(cfg),
+                      decompose_factor=cfg.lokr_factor)
+
+
+def attach(pipe, cfg) -> None:
+    """Freeze the UNet and add one trainable LoHa/LoKr adapter (name 'default')."""
+    pipe.unet.requires_grad_(False)
+    pipe.unet.add_adapter(_config(cfg))
+
+
+def trainable_parameters(pipe) -> list:
+    return [p for name, p in pipe.unet.named_parameters()
+            if p.requires_grad and any(f".{prefix}" in name for prefix in PARAM_PREFIXES)]
+
+
+def state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's keys without the adapter name, e.g. `down_blocks.0...attn1.to_q.hada_w1_a`."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save(pipe, out_dir: Path) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json`, atomically (temp folder, rename)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = staging(out_dir)
+    tmp.mkdir(parents=True)
+    save_file(state_dict(pipe.unet), str(tmp / PEFT_WEIGHTS))
+    config = pipe.unet.peft_config["default"]
+    # to_dict holds a set (target_modules) and an enum (peft_type): json needs lists and strings.
+    (tmp / PEFT_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, default=_jsonable), encoding="utf-8")
+    return swap_into_place(tmp, out_dir)
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if hasattr(value, "value"):  # enum
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def read_config(adapter_dir: Path):
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    data = json.loads((Path(adapter_dir) / PEFT_CONFIG).read_text(encoding="utf-8"))
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[data["peft_type"]]
+    known = cls.__dataclass_fields__
+    return cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
+
+
+def load_into(pipe, adapter_dir: Path, name: str) -> None:
+    """Add the saved adapter to `pipe.unet` under `name`, in eval mode (dropout never runs)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = read_config(adapter_dir)
+    state = load_file(str(adapter_dir / PEFT_WEIGHTS))
+    pipe.unet.add_adapter(config, adapter_name=name)
+    result = set_peft_model_state_dict(pipe.unet, state, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}" in k and any(p in k for p in PARAM_PREFIXES)]
+    if missing or result.unexpected_keys:
+        pipe.unet.delete_adapters(name)
+        raise KeyError(f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected adapter weights")
+    for module in pipe.unet.modules():
+        if any(hasattr(module, f"{p}w1") or hasattr(module, f"{p}w1_a") for p in PARAM_PREFIXES):
+            module.eval()
+    pipe.unet.eval()
+
+
+# ----------------------------------------------------------------------------- community format
+
+def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft LoHa/LoKr weights under LyCORIS/kohya names, with the `.alpha` each module needs.
+
+    Names: `lora_unet_` + the diffusers module path with '.' -> '_', which is what kohya's sd-scripts
+    and LyCORIS write for SD 1.x/2.x (their UNet uses diffusers' module names) and what A1111
+    (`convert_diffusers_name_to_compvis`) and ComfyUI map onto the LDM checkpoint. Parameter names
+    are the same in peft and LyCORIS (hada_w1_a ... , lokr_w1 / lokr_w1_a ...), and so are the
+    products: LoHa dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r; LoKr dW = kron(w1, w2) * alpha / r.
+    """
+    config = unet.peft_config[adapter_name]
+    state = state_dict(unet, adapter_name)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        path, param = key.rsplit(".", 1)
+        modules.setdefault(path, {})[param] = value
+    out = {}
+    for path, params in modules.items():
+        name = f"{KOHYA_UNET_PREFIX}_{path.replace('.', '_')}"
+        rank, alpha = _rank_alpha(config, path)
+        if "lokr_w1" in params and "lokr_w2" in params:
+            # LyCORIS ignores alpha when neither factor is low-rank (scale 1): fold peft's alpha / r in.
+            params = {**params, "lokr_w2": params["lokr_w2"] * (alpha / rank)}
+            alpha = float(rank)
+        out.update({f"{name}.{param}": value for param, value in params.items()})
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def _rank_alpha(config, path: str) -> tuple[int, float]:
+    """Rank and alpha of one module (peft's rank_pattern / alpha_pattern override by name suffix)."""
+    rank = next((r for k, r in config.rank_pattern.items() if path.endswith(k)), config.r)
+    alpha = next((a for k, a in config.alpha_pattern.items() if path.endswith(k)), config.alpha)
+    return int(rank), float(alpha)
+
+
+def export(adapter_dir: Path, pipe) -> list[ExportReport]:
+    """Write `lycoris.safetensors` beside the native copy and check it with the LyCORIS loader."""
+    from safetensors.torch import save_file
+
+    path = Path(adapter_dir) / LYCORIS_EXPORT
+    tmp = path.with_name(path.name + ".partial")
+    save_file(kohya_state_dict(pipe.unet), str(tmp), metadata={"ss_network_module": "lycoris.kohya"})
+    tmp.replace(path)
+    return [check_export(path, pipe)]
+
+
+def check_export(path: Path, pipe) -> ExportReport:
+    """Load `path` with lycoris-lora's kohya loader onto a fresh copy of the base UNet and compare
+    its output with the studio's adapted UNet (adapter 'default' at scale 1) on a fixed input."""
+    report = ExportReport(file=Path(path).name, format="lycoris",
+                          loader="lycoris-lora kohya.create_network_from_weights")
+    try:
+        from lycoris.kohya import create_network_from_weights
+    except ImportError:
+        report.note = "the lycoris-lora package is not installed (pip install lycoris-lora)."
+        return report
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    ours = set(kohya_state_dict(pipe.unet))  # what the studio's adapter needs the file to hold
+    report.missing_keys = sorted(ours - set(weights))
+    report.unexpected_keys = sorted(set(weights) - ours)
+    reference = _base_unet_copy(pipe.unet)
+    try:
+        with _no_timestep_embedding_target():
+            network, _ = create_network_from_weights(1.0, str(path), None, None, reference, weights_sd=weights)
+        network.apply_to(None, reference, apply_text_encoder=False, apply_unet=True)
+    except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
+        report.note = f"the LyCORIS loader could not read the file ({exc.__class__.__name__}: {exc})."
+        return report
+    loaded = network.load_state_dict(weights, strict=False)
+    built = {f"{lora.lora_name}.{k}" for lora in network.unet_loras for k in lora.state_dict()}
+    report.missing_keys = sorted(set(report.missing_keys) | (built - set(weights))
+                                 | set(_unloaded_modules(pipe.unet, network)))
+    report.unexpected_keys = sorted(set(report.unexpected_keys) | set(loaded.unexpected_keys))
+    if not network.unet_loras:
+        report.note = "the LyCORIS loader recognised no module in the file."
+        return report
+    report.max_abs_diff = _compare(pipe.unet, reference)
+    return report
+
+
+@contextmanager
+def _no_timestep_embedding_target():
+    """lycoris-lora 4.1.3 lists both the class 'TimestepEmbedding' (for Anima) and the name
+    'time_embedding.linear_1' as UNet targets, so on a diffusers UNet2DConditionModel the network
+    its loader builds first (and then discards) asserts "duplicated lora name". Dropping the class
+    for the call avoids that; which weights load where is decided afterwards, from the file alone."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE
+    LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = [m for m in saved if m != "TimestepEmbedding"]
+    try:
+        yield
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = saved
+
+
+def _unloaded_modules(unet, network) -> list[str]:
+    """Adapted modules of the studio's UNet that the loader built no LyCORIS module for."""
+    built = {lora.lora_name for lora in network.unet_loras}
+    wanted = {f"{KOHYA_UNET_PREFIX}_{k.rsplit('.', 1)[0].replace('.', '_')}" for k in state_dict(unet)}
+    return sorted(f"{name} (module)" for name in wanted - built)
+
+
+def _base_unet_copy(unet):
+    """A fresh UNet with the base weights only: the adapter's wrappers taken off, nothing shared."""
+    from diffusers import UNet2DConditionModel
+
+    fresh = UNet2DConditionModel.from_config(unet.config)
+    base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+            if not any(f".{p}" in k for p in PARAM_PREFIXES)}
+    fresh.load_state_dict(base, strict=True)
+    return fresh.to(torch.float32).eval()
+
+
+@torch.no_grad()
+def _compare(unet, reference) -> float:
+    config = unet.config
+    generator = torch.Generator().manual_seed(0)
+    size = config.sample_size
+    sample = torch.randn(1, config.in_channels, size, size, generator=generator)
+    text = torch.randn(1, 8, config.cross_attention_dim, generator=generator)
+    t = torch.tensor([500])
+    was_training = unet.training
+    unet.eval()  # the training run's adapter 'default' is the only one, at its trained scale 1
+    dtype, device = unet.dtype, unet.device
+    studio = unet(sample.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype)).sample
+    unet.train(was_training)
+    theirs = reference(sample, t, encoder_hidden_states=text).sample
+    return float((studio.float().cpu() - theirs).abs().max())
