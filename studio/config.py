@@ -19,7 +19,7 @@ from studio.errors import StudioError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-Method = Literal["lora", "dora", "loha", "lokr", "embedding"]
+Method = Literal["lora", "dora", "loha", "lokr", "embedding", "pivotal", "full"]
 Optimizer = Literal["adamw", "adamw8bit"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
@@ -37,7 +37,9 @@ class TrainConfig:
     dataset: str = _help("Dataset folder written by the Dataset tab or `studio prep`.", "")
     method: Method = _help("What trains: 'lora' (Hu et al. 2021), 'dora' (weight-decomposed LoRA, Liu et al. "
                            "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024), "
-                           "'embedding' (textual inversion: one new token's embedding, Gal et al. 2022).", "lora")
+                           "'embedding' (textual inversion: one new token's embedding, Gal et al. 2022), "
+                           "'pivotal' (a new token's embedding and a LoRA together), 'full' (the whole UNet, "
+                           "as DreamBooth does; add prior_preservation for the paper's objective).", "lora")
     initializer_token: str = _help("Textual inversion: the word the new token's embedding starts from; "
                                    "empty takes the class word's last word.", "")
     rank: int = _help("Adapter rank r (LoHa: of each Hadamard factor): size and capacity.", 8)
