@@ -144,3 +144,20 @@ def test_resume_in_the_page(trained_run, tmp_path):
     with pytest.raises(gr.Error, match="no complete checkpoint"):
         train_tab._resume(studio, "done")
     assert studio.jobs.current() is None
+
+
+def test_the_scale_slider_is_hidden_for_kinds_without_a_scale(trained_run, tmp_path):
+    import shutil
+
+    from studio.adapters import read_meta, write_meta
+    from studio.ui.playground_tab import has_scale
+
+    studio = Studio(Workspace(tmp_path), "builtin")
+    shutil.copytree(trained_run, tmp_path / "runs" / "lora")
+    shutil.copytree(trained_run, tmp_path / "runs" / "embedding")
+    meta = read_meta(tmp_path / "runs" / "embedding" / "adapter")
+    meta.kind, meta.has_scale = "embedding", False
+    write_meta(tmp_path / "runs" / "embedding" / "adapter", meta)
+    assert has_scale(studio, "lora") is True
+    assert has_scale(studio, "embedding") is False
+    assert has_scale(studio, None) is True and has_scale(studio, "no-such-run") is True

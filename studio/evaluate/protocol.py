@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from studio import events
-from studio.adapters import find_adapter_dir, read_meta
+from studio.adapters import find_adapter_dir
 from studio.data.dataset import load_dataset
 from studio.errors import StudioError
 from studio.evaluate import metrics
@@ -153,10 +153,3 @@ class _Counter:
             raise _Cancelled()
         self.emit(events.Progress(self.done, self.total, message))
         self.done += 1
-
-
-def check_runs(runs: list[str]) -> None:
-    for r in runs:
-        meta = read_meta(find_adapter_dir(Path(r)))
-        if not meta.has_scale:
-            raise StudioError(f"Run '{r}' has an adapter without a scale; it cannot be evaluated at a scale.")

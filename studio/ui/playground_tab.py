@@ -20,6 +20,19 @@ def for_display(image):
     return image.resize((image.width * factor, image.height * factor), resample=0)
 
 
+def has_scale(studio: Studio, run_id: str | None) -> bool:
+    """Whether the run's adapter kind has a strength; unknown or unfinished runs keep the slider."""
+    from studio.adapters import find_adapter_dir, read_meta
+    from studio.errors import StudioError
+
+    if not run_id:
+        return True
+    try:
+        return read_meta(find_adapter_dir(studio.workspace.run(run_id).root)).has_scale
+    except StudioError:
+        return True
+
+
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
     runs = studio.workspace.list_runs()
     pickers, sliders = [], []
@@ -70,6 +83,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                          f"{time.perf_counter() - start:.2f} s.")
 
     generate.click(on_generate, inputs, [base_image, adapted_image, timing], concurrency_id="gpu")
+    for picker, slider in zip(pickers, sliders):  # an embedding or a full model has no strength to set
+        picker.change(lambda run_id: gr.update(visible=has_scale(studio, run_id)), [picker], [slider],
+                      show_progress="hidden")
     for slider in sliders:
         slider.release(on_scale, inputs, [adapted_image, timing], concurrency_id="gpu", trigger_mode="always_last")
     refresh.click(lambda: [gr.update(choices=studio.workspace.list_runs()) for _ in pickers], None, pickers)
