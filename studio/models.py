@@ -1,8 +1,10 @@
-"""Base models: resolve a reference (hub id, local folder, 'builtin'), load it, pick device and dtype.
+"""Base models: resolve a reference (hub id, local folder, 'builtin', 'builtin-sdxl'), load it, pick
+device and dtype.
 
-The built-in model is a small Stable-Diffusion-architecture model written as an ordinary diffusers
-folder and loaded through the same ``from_pretrained`` call as real checkpoints, so every code path
-that serves SD 1.5 serves it too.
+The built-in models are small Stable-Diffusion-architecture models (SD 1.x and SDXL) with random
+weights, written as ordinary diffusers folders and loaded through the same ``from_pretrained`` call
+as real checkpoints, so every code path that serves SD 1.5 or SDXL serves them too. They are for
+tests and demos: their images are noise-like, not pictures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
 BUILTIN = "builtin"
+BUILTIN_SDXL = "builtin-sdxl"  # a tiny SDXL (two text encoders, pooled text, time ids) for tests
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
@@ -27,6 +30,12 @@ TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 BUILTIN_VERSION = 1
 BUILTIN_MARKER = "studio_builtin.json"
 BUILTIN_RESOLUTION = 64
+BUILTIN_SDXL_VERSION = 1
+
+# model_index.json `_class_name` -> the pipeline the studio loads it with. Family "sdxl" means two
+# text encoders, a pooled text embedding and size/crop time ids as extra UNet inputs.
+PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline",
+             "StableDiffusionXLPipeline": "StableDiffusionXLPipeline"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,20 @@ def builtin_dir() -> Path:
     return Path(cache) / "builtin-model"
 
 
+def builtin_sdxl_dir() -> Path:
+    return builtin_dir().parent / "builtin-sdxl-model"
+
+
+def builtin_version(name: str) -> str | None:
+    """A key that changes when a built-in model's weights change (None for other models)."""
+    return {BUILTIN: f"builtin-v{BUILTIN_VERSION}", BUILTIN_SDXL: f"builtin-sdxl-v{BUILTIN_SDXL_VERSION}"}.get(name)
+
+
+def is_sdxl(pipe) -> bool:
+    """SDXL-family pipelines carry a second text encoder (OpenCLIP bigG in the real model)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def resolve(name: str | None, builtin: Path | None = None) -> ModelRef:
     """Turn what the user typed into something loadable; empty means the default."""
     name = (name or "").strip()
@@ -68,6 +91,9 @@ def resolve(name: str | None, builtin: Path | None = None) -> ModelRef:
     if name == BUILTIN:
         ensure_builtin(builtin_dir_)
         return ModelRef(BUILTIN, str(builtin_dir_))
+    if name == BUILTIN_SDXL:
+        ensure_builtin_sdxl(builtin_sdxl_dir())
+        return ModelRef(BUILTIN_SDXL, str(builtin_sdxl_dir()))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():
@@ -154,6 +180,63 @@ def ensure_builtin(out_dir: Path) -> Path:
         return out_dir if is_current(out_dir, BUILTIN_VERSION) else write_builtin(out_dir)
 
 
+def _builtin_sdxl_components() -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    # Shaped like diffusers' SDXL test components. The two encoders have different widths (32, 48) so
+    # that a mix-up of their hidden states cannot go unnoticed. The UNet's extra embedding reads
+    # 6 time ids x addition_time_embed_dim (8) + the pooled text (text_encoder_2's projection, 48) = 96.
+    time_dim, hidden_1, hidden_2 = 8, 32, 48
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=BUILTIN_RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), norm_num_groups=1,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
+        cross_attention_dim=hidden_1 + hidden_2)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=BUILTIN_RESOLUTION,
+                        scaling_factor=0.13025)  # SDXL's VAE scaling factor
+    encoders = []
+    for seed, hidden, cls in ((2, hidden_1, CLIPTextModel), (3, hidden_2, CLIPTextModelWithProjection)):
+        torch.manual_seed(seed)
+        encoders.append(cls(CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407, projection_dim=hidden, hidden_act="gelu")))
+    # SDXL's scheduler: Euler over the SD scaled-linear betas, "leading" timestep spacing.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")  # as SDXL's second tokenizer
+    return dict(unet=unet, vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
+def write_builtin_sdxl(out_dir: Path) -> Path:
+    """Write the built-in SDXL model as a diffusers folder (deterministic: same seeds, same weights)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    tmp = staging(out_dir)
+    quiet_libraries()
+    pipe = StableDiffusionXLPipeline(**_builtin_sdxl_components(), add_watermarker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / BUILTIN_MARKER).write_text(json.dumps({"version": BUILTIN_SDXL_VERSION}))
+    return swap_into_place(tmp, out_dir)
+
+
+def ensure_builtin_sdxl(out_dir: Path) -> Path:
+    with cache_lock(out_dir):
+        return out_dir if is_current(out_dir, BUILTIN_SDXL_VERSION) else write_builtin_sdxl(out_dir)
+
+
 # ---------------------------------------------------------------------------- device and dtype
 
 def pick_device() -> str:
@@ -179,25 +262,45 @@ def resolve_precision(requested: str, device: str):
 
 # ---------------------------------------------------------------------------- loading
 
+def pipeline_class(ref: ModelRef):
+    """The diffusers pipeline class named by the model's model_index.json (SD 1.x/2.x or SDXL)."""
+    import diffusers
+
+    try:
+        name = diffusers.DiffusionPipeline.load_config(ref.source).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        _raise_unloadable(ref, exc)
+    if name not in PIPELINES:
+        raise StudioError(f"Model '{ref.name}' is a {name or 'pipeline of unknown type'}, which the studio does not "
+                          "train or render; choose a Stable Diffusion 1.x/2.x or SDXL model.")
+    return getattr(diffusers, PIPELINES[name])
+
+
 def load_pipeline(ref: ModelRef, device: str = "cpu", dtype=None):
-    """A StableDiffusionPipeline for the reference, or one sentence saying why it cannot load."""
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline for the reference (chosen by its
+    model_index.json), or one sentence saying why it cannot load."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     quiet_libraries()
     dtype = dtype or torch.float32
+    cls = pipeline_class(ref)
+    # SD 1.x ships a safety checker the studio does not run; SDXL has an optional invisible watermark.
+    extra = (dict(add_watermarker=False) if cls.__name__ == "StableDiffusionXLPipeline"
+             else dict(safety_checker=None, requires_safety_checker=False))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            ref.source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            use_safetensors=True)
+        pipe = cls.from_pretrained(ref.source, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
-        if Path(ref.source).exists():
-            raise StudioError(f"Model folder '{ref.name}' could not be loaded ({_first_line(exc)}); "
-                              "check that it is a complete diffusers folder with safetensors weights.") from None
-        raise StudioError(f"Model '{ref.name}' could not be loaded from the model hub (offline, "
-                          "unknown id, or no safetensors weights); check the id, or use 'builtin'.") from None
+        _raise_unloadable(ref, exc)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _raise_unloadable(ref: ModelRef, exc: BaseException):
+    if Path(ref.source).exists():
+        raise StudioError(f"Model folder '{ref.name}' could not be loaded ({_first_line(exc)}); "
+                          "check that it is a complete diffusers folder with safetensors weights.") from None
+    raise StudioError(f"Model '{ref.name}' could not be loaded from the model hub (offline, "
+                      "unknown id, or no safetensors weights); check the id, or use 'builtin'.") from None
 
 
 def quiet_libraries() -> None:
