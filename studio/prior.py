@@ -18,7 +18,7 @@ from studio.paths import IMAGE_SUFFIXES
 
 
 def cache_dir(model_name: str, prompt: str, resolution: int, steps: int) -> Path:
-    version = f"builtin-v{models.BUILTIN_VERSION}" if model_name == models.BUILTIN else model_name
+    version = models.builtin_version(model_name) or model_name
     key = hashlib.sha1(f"{version}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
     return models.builtin_dir().parent / "class-images" / key
 

@@ -50,11 +50,13 @@ class _Frozen:
     latent_std: torch.Tensor
     text: torch.Tensor | None  # text-encoder hidden states per caption (None: the text encoder trains)
     scaling: float
+    pooled: torch.Tensor | None = None  # SDXL: text_encoder_2's pooled embedding per caption
     class_mean: torch.Tensor | None = None  # prior preservation: class images' posteriors
     class_std: torch.Tensor | None = None
     class_text: torch.Tensor | None = None  # the class prompt's hidden states, (1, tokens, dim)
+    class_pooled: torch.Tensor | None = None  # SDXL: the class prompt's pooled embedding, (1, dim)
     captions: list[str] | None = None
-    token_ids: torch.Tensor | None = None  # captions as token ids, when text is encoded every step
+    token_ids: tuple[torch.Tensor, ...] | None = None  # captions as ids per tokenizer, when text is encoded every step
     n_images: int = 0
 
 
@@ -144,7 +146,8 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
     if getattr(adapter, "TRAINS_TEXT", False):  # the captions' encoding changes as the embedding learns
-        frozen.text, frozen.token_ids = None, _tokenize(pipe, frozen.captions, device)
+        frozen.text, frozen.pooled = None, None
+        frozen.token_ids = tokenize_all(pipe, frozen.captions, device)
     params = adapter.trainable_parameters(pipe)
     for p in params:  # trainable weights stay float32 under mixed precision
         p.data = p.data.float()
@@ -213,9 +216,9 @@ def _optimizer(cfg: TrainConfig, params: list, device: str, weight_decay: float)
 def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype, flips: bool) -> _Frozen:
     views = [data.pixels, data.pixels.flip(-1)] if flips else [data.pixels]
     posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
-    text = _encode_prompts(pipe, data.captions, device)
+    text, pooled = encode_text(pipe, tokenize_all(pipe, data.captions, device))
     frozen = _Frozen(torch.stack([p.mean.float() for p in posteriors]),
-                     torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor)
+                     torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor, pooled)
     frozen.captions, frozen.n_images = list(data.captions), len(data.captions)
     return frozen
 
@@ -227,16 +230,52 @@ def _cache_class(pipe, frozen: _Frozen, cfg, spec, device, dtype, emit, should_s
         return  # cancelled before the first class image: the loop stops at once
     posterior = pipe.vae.encode(load_pixels(files, cfg.resolution).to(device, dtype)).latent_dist
     frozen.class_mean, frozen.class_std = posterior.mean.float(), posterior.std.float()
-    frozen.class_text = _encode_prompts(pipe, [render(cfg.class_prompt, "", spec.class_word)], device)
+    prompt = render(cfg.class_prompt, "", spec.class_word)
+    frozen.class_text, frozen.class_pooled = encode_text(pipe, tokenize_all(pipe, [prompt], device))
 
 
-def _tokenize(pipe, prompts: list[str], device) -> torch.Tensor:
-    return pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids.to(device)
+def _tokenize(pipe, prompts: list[str], device, tokenizer=None) -> torch.Tensor:
+    tokenizer = tokenizer or pipe.tokenizer
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def tokenize_all(pipe, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
+    """The prompts as token ids, once per tokenizer of the model (one for SD 1.x/2.x, two for SDXL)."""
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2) if models.is_sdxl(pipe) else (pipe.tokenizer,)
+    return tuple(_tokenize(pipe, prompts, device, t) for t in tokenizers)
+
+
+def encode_text(pipe, ids: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states the UNet cross-attends to, pooled embedding or None), as the pipeline encodes.
+
+    SD 1.x/2.x: the text encoder's last hidden state; no pooled embedding. SDXL (Podell et al. 2023,
+    as `StableDiffusionXLPipeline.encode_prompt` with clip_skip=None): both encoders' penultimate
+    hidden states, concatenated on the feature axis, and text_encoder_2's projected pooled output.
+    """
+    if not models.is_sdxl(pipe):
+        return pipe.text_encoder(ids[0])[0], None
+    states, out = [], None
+    for encoder, tokens in zip((pipe.text_encoder, pipe.text_encoder_2), ids):
+        out = encoder(tokens, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out.text_embeds
 
 
 def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
-    return pipe.text_encoder(_tokenize(pipe, prompts, device))[0]
+    return encode_text(pipe, tokenize_all(pipe, prompts, device))[0]
+
+
+def unet_kwargs(pooled: torch.Tensor | None, resolution: int) -> dict:
+    """The UNet's extra inputs: none for SD 1.x/2.x; for SDXL the pooled text and the micro-conditioning
+    time ids (original size, crop top-left, target size; each (height, width) in pixels). The studio's
+    images are square crops already at the training resolution, so original = target and the crop is (0, 0).
+    """
+    if pooled is None:
+        return {}
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
+                       device=pooled.device)
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(len(pooled), -1)}}
 
 
 def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> torch.Tensor:
@@ -257,7 +296,7 @@ class _Stepper:
     def __init__(self, pipe, frozen: _Frozen, cfg: TrainConfig, device, dtype, optimizer, schedule, params):
         from diffusers import DDPMScheduler
 
-        self.unet, self.text_encoder, self.frozen, self.cfg = pipe.unet, pipe.text_encoder, frozen, cfg
+        self.pipe, self.unet, self.frozen, self.cfg = pipe, pipe.unet, frozen, cfg
         self.device, self.dtype = device, dtype
         self.optimizer, self.schedule, self.params = optimizer, schedule, params
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -301,10 +340,16 @@ class _Stepper:
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with self.autocast:
-            text = f.text[index] if f.text is not None else self.text_encoder(f.token_ids[index])[0]
+            if f.text is not None:
+                text, pooled = f.text[index], None if f.pooled is None else f.pooled[index]
+            else:
+                text, pooled = encode_text(self.pipe, tuple(ids[index] for ids in f.token_ids))
             if with_prior:
                 text = torch.cat([text, f.class_text.expand(len(index), -1, -1).to(text.dtype)])
-            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text).sample
+                if pooled is not None:
+                    pooled = torch.cat([pooled, f.class_pooled.expand(len(index), -1).to(pooled.dtype)])
+            pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text,
+                             **unet_kwargs(pooled, cfg.resolution)).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
         target = diffusion_target(self.noise_scheduler, latents, noise, t)
         if with_prior:
@@ -333,6 +378,12 @@ def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
 
     export = getattr(adapter, "export", None)
     if export is None:
+        return
+    if models.is_sdxl(pipe) and not getattr(adapter, "EXPORTS_SDXL", False):
+        # kohya/LyCORIS files for SDXL use the LDM (input_blocks...) layout, which is not written yet;
+        # the diffusers/peft-format adapter saved above is complete and loads on its own.
+        emit(events.Progress(step, step, "Community-format export (kohya/LyCORIS) is not written for SDXL yet; "
+                                         "the adapter is saved in the diffusers/peft format."))
         return
     reports = export(paths.adapter, pipe)
     write_reports(paths.adapter, reports)

@@ -49,17 +49,20 @@ def state_dict(unet) -> dict:
 
 
 def save(pipe, out_dir: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in diffusers format, atomically (temp folder, rename)."""
-    from diffusers import StableDiffusionPipeline
+    """Write `pytorch_lora_weights.safetensors` in diffusers format, atomically (temp folder, rename).
 
+    Through the pipeline family's own `save_lora_weights` (SD or SDXL), so its `load_lora_weights` reads it.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    writer = StableDiffusionXLPipeline if getattr(pipe, "text_encoder_2", None) is not None else StableDiffusionPipeline
     out_dir = Path(out_dir)
     tmp = staging(out_dir)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict(pipe.unet).items()}
     # The LoraConfig goes into the file's metadata: without it load_lora_weights assumes alpha = rank,
     # and an adapter trained with alpha != rank reloads at the wrong strength (rank/alpha times too strong).
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=weights, weight_name=LORA_WEIGHTS,
-                                              safe_serialization=True,
-                                              unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    writer.save_lora_weights(tmp, unet_lora_layers=weights, weight_name=LORA_WEIGHTS, safe_serialization=True,
+                             unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
     return swap_into_place(tmp, out_dir)
 
 
