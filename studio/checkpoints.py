@@ -23,7 +23,7 @@ from studio.paths import RunPaths
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.yaml"
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL
 
 
 @dataclass(frozen=True)

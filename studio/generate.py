@@ -110,7 +110,9 @@ class Playground:
             pipe, _ = self.pipeline(model)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
-            scaled = [(l.name, float(c.scale)) for c, l in wanted if l.module.HAS_SCALE]
+            # An adapter at scale 0 is switched off rather than scaled: DoRA's learned magnitude does not
+            # scale with peft's adapter weight, so only leaving it out makes 0 exactly the base model.
+            scaled = [(l.name, float(c.scale)) for c, l in wanted if l.module.HAS_SCALE and c.scale != 0]
             keep = {str(l.folder) for c, l in wanted if l.module.HAS_SCALE or c.scale != 0}
             for key, loaded in list(self._loaded.items()):
                 if not loaded.module.HAS_SCALE and str(loaded.folder) not in keep:

@@ -6,6 +6,10 @@ weight, bit-identical (with no weight decay, Adam's update is exactly zero where
 
 Files: `learned_embeds.safetensors` ({token: vector}, diffusers' format) and
 `learned_embeds_a1111.safetensors` (`emb_params`: (vectors, dim)), which AUTOMATIC1111 and ComfyUI read.
+
+SDXL: the token is added to both tokenizers and both text encoders, and both rows train. The file is
+then SDXL's embedding format, {"clip_l": (1, dim_1), "clip_g": (1, dim_2)}, which AUTOMATIC1111 and
+ComfyUI read as it is and diffusers loads with one `load_textual_inversion` call per encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ TRAINS_TEXT = True  # the text encoder's input changes during training: no cache
 WEIGHT_DECAY = 0.0  # decay would move the frozen rows too
 WEIGHTS = "learned_embeds.safetensors"
 A1111 = "learned_embeds_a1111.safetensors"
+EXPORTS_SDXL = True  # the SDXL file is checked by reloading it (see export)
+SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2
+
+
+def _pairs(pipe) -> list:
+    """(tokenizer, text encoder) pairs that get the token: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
 
 
 def attach(pipe, cfg) -> None:
@@ -29,8 +43,16 @@ def attach(pipe, cfg) -> None:
     from studio.data.dataset import load_dataset
 
     spec = load_dataset(Path(cfg.dataset))
-    token, tokenizer, encoder = spec.token, pipe.tokenizer, pipe.text_encoder
     init = (cfg.initializer_token or spec.class_word.split()[-1]).strip()
+    pipe.unet.requires_grad_(False)
+    for tokenizer, encoder in _pairs(pipe):
+        _add_token(tokenizer, encoder, spec.token, init)
+
+
+def _add_token(tokenizer, encoder, token: str, init: str) -> None:
+    """Add `token` as a new row of `encoder`, starting from `init`'s row; only that row gets gradients."""
+    import torch
+
     init_ids = tokenizer.encode(init, add_special_tokens=False)
     if len(init_ids) != 1:
         raise StudioError(f"The initializer word '{init}' is {len(init_ids)} tokens; choose a word that is one "
@@ -42,7 +64,6 @@ def attach(pipe, cfg) -> None:
                           "made-up word such as 'sks'.")
     token_id = tokenizer.convert_tokens_to_ids(token)
     encoder.resize_token_embeddings(len(tokenizer))
-    pipe.unet.requires_grad_(False)
     encoder.requires_grad_(False)
     weight = encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -55,22 +76,46 @@ def attach(pipe, cfg) -> None:
 
 
 def trainable_parameters(pipe) -> list:
-    return [pipe.text_encoder.get_input_embeddings().weight]
+    return [encoder.get_input_embeddings().weight for _, encoder in _pairs(pipe)]
 
 
-def learned(pipe):
-    token, token_id = pipe.text_encoder._studio_token
-    return token, pipe.text_encoder.get_input_embeddings().weight[token_id].detach().float().cpu().clone()
+def learned(pipe, encoder=None):
+    """(token, its trained row) of `encoder` (default: the first text encoder)."""
+    encoder = encoder or pipe.text_encoder
+    token, token_id = encoder._studio_token
+    return token, encoder.get_input_embeddings().weight[token_id].detach().float().cpu().clone()
+
+
+def file_contents(pipe) -> dict:
+    """What WEIGHTS holds: {token: vector} (SD 1.x/2.x) or {"clip_l": (1, d1), "clip_g": (1, d2)} (SDXL)."""
+    pairs = _pairs(pipe)
+    if len(pairs) == 1:
+        return dict([learned(pipe)])
+    return {key: learned(pipe, encoder)[1].unsqueeze(0) for key, (_, encoder) in zip(SDXL_KEYS, pairs)}
 
 
 def save(pipe, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
-    token, vector = learned(pipe)
     tmp = staging(Path(out_dir))
     tmp.mkdir(parents=True)
-    save_file({token: vector}, str(tmp / WEIGHTS))
+    save_file(file_contents(pipe), str(tmp / WEIGHTS))
     return swap_into_place(tmp, Path(out_dir))
+
+
+def load_weights(pipe, path: Path, token: str) -> None:
+    """diffusers' loader; an SDXL file ({"clip_l", "clip_g"}) is loaded once per encoder, as diffusers documents."""
+    from safetensors.torch import load_file
+
+    pairs = _pairs(pipe)
+    if len(pairs) == 1:
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    state = load_file(str(path))
+    if set(state) != set(SDXL_KEYS):
+        raise ValueError(f"an SDXL embedding file holds {', '.join(SDXL_KEYS)}; this one holds {', '.join(state)}")
+    for key, (tokenizer, encoder) in zip(SDXL_KEYS, pairs):
+        pipe.load_textual_inversion(state[key], token=token, tokenizer=tokenizer, text_encoder=encoder)
 
 
 def load_into(pipe, adapter_dir: Path, name: str) -> None:
@@ -80,19 +125,26 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
     if token in pipe.tokenizer.get_vocab():
         raise StudioError(f"Token '{token}' is already loaded in this model (from another embedding); "
                           "use one embedding per trigger word at a time.")
-    pipe.load_textual_inversion(str(Path(adapter_dir) / WEIGHTS), token=token)
+    load_weights(pipe, Path(adapter_dir) / WEIGHTS, token)
 
 
 def unload(pipe, adapter_dir: Path) -> None:
     from studio.adapters import read_meta
 
-    pipe.unload_textual_inversion(read_meta(adapter_dir).token)
+    token = read_meta(adapter_dir).token
+    for tokenizer, encoder in _pairs(pipe):
+        pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=encoder)
 
 
 def export(adapter_dir: Path, pipe) -> list:
-    """The A1111 file, then both files read back by diffusers' own loader and compared."""
+    """The A1111 file, then both files read back by diffusers' own loader and compared.
+
+    SDXL: the native file already is the format AUTOMATIC1111 and ComfyUI read; it alone is checked.
+    """
     from safetensors.torch import save_file
 
+    if len(_pairs(pipe)) > 1:
+        return [_check(adapter_dir, WEIGHTS, "sdxl-embedding", pipe)]
     token, vector = learned(pipe)
     save_file({"emb_params": vector.unsqueeze(0)}, str(Path(adapter_dir) / A1111))
     return [_check(adapter_dir, name, fmt, pipe) for name, fmt in ((WEIGHTS, "diffusers-embedding"),
@@ -103,8 +155,6 @@ def _check(adapter_dir: Path, file: str, fmt: str, pipe):
     """Load the file into the base model's own tokenizer and text encoder, read fresh from where the
     model came from, through diffusers' loader; compare the encodings of a prompt with the token."""
     import torch
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from studio.adapters.checks import ExportReport
 
@@ -112,29 +162,48 @@ def _check(adapter_dir: Path, file: str, fmt: str, pipe):
     report = ExportReport(file, fmt, "diffusers load_textual_inversion")
     source = pipe.config._name_or_path
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True)
+        fresh = _fresh_text_models(source, len(_pairs(pipe)))
     except OSError:
         report.note = f"the base model '{source}' could not be read again to compare with."
         return report
-    encoder = encoder.to(pipe.text_encoder.device, pipe.text_encoder.dtype)
-    probe = StableDiffusionPipeline(vae=pipe.vae, text_encoder=encoder, tokenizer=tokenizer, unet=pipe.unet,
-                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False)
+    fresh = [(t, e.to(pipe.text_encoder.device, pipe.text_encoder.dtype)) for t, e in fresh]
+    probe = _probe(pipe, fresh)
     try:
-        probe.load_textual_inversion(str(Path(adapter_dir) / file), token=token)
+        load_weights(probe, Path(adapter_dir) / file, token)
     except (ValueError, KeyError, RuntimeError) as exc:
         report.note = f"the loader refused it ({exc.__class__.__name__}: {str(exc)[:120]})."
         return report
-    if token not in tokenizer.get_vocab():
+    if any(token not in tokenizer.get_vocab() for tokenizer, _ in fresh):
         report.missing_keys = [token]
         return report
     prompt = f"a photo of {token}"
     with torch.no_grad():
-        ours = _encode(pipe.tokenizer, pipe.text_encoder, prompt)
-        theirs = _encode(tokenizer, encoder, prompt)
-    report.max_abs_diff = (ours - theirs).abs().max().item()
+        diffs = [(_encode(*ours, prompt) - _encode(*theirs, prompt)).abs().max().item()
+                 for ours, theirs in zip(_pairs(pipe), fresh)]
+    report.max_abs_diff = max(diffs)
     return report
+
+
+def _fresh_text_models(source: str, count: int) -> list:
+    """The base model's tokenizer(s) and text encoder(s), read again from where the model came from."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = [("tokenizer", "text_encoder", CLIPTextModel),
+             ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection)][:count]
+    return [(CLIPTokenizer.from_pretrained(source, subfolder=t),
+             cls.from_pretrained(source, subfolder=e, use_safetensors=True)) for t, e, cls in parts]
+
+
+def _probe(pipe, fresh: list):
+    """A pipeline of the same family as `pipe` around fresh text models (for diffusers' loader)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=pipe.vae, unet=pipe.unet, scheduler=pipe.scheduler)
+    if len(fresh) == 1:
+        return StableDiffusionPipeline(**common, tokenizer=fresh[0][0], text_encoder=fresh[0][1], safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionXLPipeline(**common, tokenizer=fresh[0][0], text_encoder=fresh[0][1], tokenizer_2=fresh[1][0],
+                                     text_encoder_2=fresh[1][1], add_watermarker=False)
 
 
 def _encode(tokenizer, encoder, prompt: str):

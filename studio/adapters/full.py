@@ -1,0 +1,223 @@
+"""Full fine-tuning (DreamBooth, Ruiz et al. 2023): every UNet weight trains; VAE and text encoder stay frozen.
+
+The result is a model, not an adapter: `save` writes a complete diffusers folder, which is used by
+naming it as the base model (`--model RUN/adapter`). `export` adds `model.safetensors`, the same model
+as one file in the original Stable Diffusion 1.x layout that AUTOMATIC1111 and ComfyUI load:
+
+    model.diffusion_model.<LDM UNet name>             UNet (input_blocks / middle_block / output_blocks)
+    first_stage_model.<LDM VAE name>                  VAE (encoder.down.<i>.block.<j>, mid.attn_1.q, ...)
+    cond_stage_model.transformer.text_model.<name>    CLIP text encoder, transformers' own names
+
+The file is read back by diffusers' `from_single_file`, an independent implementation of the same
+layout, and its UNet, VAE decoder and text encoder are compared with the studio's on fixed inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from studio.adapters.lora import ldm_module_name
+from studio.errors import StudioError
+from studio.paths import staging, swap_into_place
+
+log = logging.getLogger(__name__)
+
+KINDS = ("full",)
+HAS_SCALE = False
+SINGLE_FILE = "model.safetensors"
+SINGLE_FILE_LOADER = "diffusers from_single_file"
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+
+
+def attach(pipe, cfg) -> None:
+    """Make the whole UNet trainable; VAE and text encoder are frozen (their outputs are cached)."""
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(True)
+
+
+def trainable_parameters(pipe) -> list:
+    return list(pipe.unet.parameters())
+
+
+def save(pipe, out_dir: Path) -> Path:
+    """The fine-tuned model as a complete diffusers folder (safetensors), written atomically."""
+    out_dir = Path(out_dir)
+    tmp = staging(out_dir)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    return swap_into_place(tmp, out_dir)
+
+
+def load_into(pipe, adapter_dir: Path, name: str) -> None:
+    raise StudioError(f"'{adapter_dir}' is a fully fine-tuned model, not an adapter to add to another model; "
+                      "use it by naming its folder as the base model (e.g. --model RUN/adapter).")
+
+
+# ---------------------------------------------------------------------------- single-file (LDM) layout
+
+# diffusers VAE ResNet / attention layer -> the LDM (taming) layer with the same weights.
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_TOP = {"conv_norm_out": "norm_out"}
+
+
+def vae_ldm_name(key: str, config) -> str:
+    """The LDM name of a diffusers AutoencoderKL parameter, e.g.
+    "decoder.up_blocks.0.resnets.1.conv1.weight" -> "decoder.up.1.block.1.conv1.weight" (the LDM decoder
+    numbers its levels from the lowest resolution up, diffusers from the first block run)."""
+    module, _, param = key.rpartition(".")
+    parts = module.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    side, rest = parts[0], parts[1:]  # encoder | decoder
+    head = ".".join(rest)
+    if head in _VAE_TOP:
+        return f"{side}.{_VAE_TOP[head]}.{param}"
+    if rest[0] in ("conv_in", "conv_out"):
+        return key
+    if rest[0] == "mid_block":
+        kind, i, tail = rest[1], int(rest[2]), ".".join(rest[3:])
+        if kind == "resnets":
+            return f"{side}.mid.block_{i + 1}.{_VAE_RESNET.get(tail, tail)}.{param}"
+        return f"{side}.mid.attn_1.{_VAE_ATTN[tail]}.{param}"
+    if rest[0] in ("down_blocks", "up_blocks"):
+        block, kind, tail = int(rest[1]), rest[2], ".".join(rest[4:])
+        level, name = (block, "down") if rest[0] == "down_blocks" else (len(config.up_block_types) - 1 - block, "up")
+        if kind == "resnets":
+            return f"{side}.{name}.{level}.block.{rest[3]}.{_VAE_RESNET.get(tail, tail)}.{param}"
+        sampler = "downsample" if kind == "downsamplers" else "upsample"
+        return f"{side}.{name}.{level}.{sampler}.{tail}.{param}"
+    raise ValueError(f"VAE parameter '{key}' has no LDM counterpart")
+
+
+def single_file_state_dict(pipe) -> dict:
+    """UNet, VAE and text encoder of `pipe` under SD 1.x single-file key names, on the CPU."""
+    out = {}
+    for key, value in pipe.unet.state_dict().items():
+        module, _, param = key.rpartition(".")
+        out[f"{UNET_PREFIX}{ldm_module_name(module, pipe.unet.config)}.{param}"] = value
+    for key, value in pipe.vae.state_dict().items():
+        name = vae_ldm_name(key, pipe.vae.config)
+        if ".mid.attn_1." in name and name.endswith("weight") and value.dim() == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out[VAE_PREFIX + name] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the LDM file keeps the old names.
+        out[TEXT_PREFIX + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def export(adapter_dir: Path, pipe) -> list:
+    """Write SINGLE_FILE into `adapter_dir`, then read it back with diffusers and compare."""
+    from safetensors.torch import save_file
+
+    from studio.adapters.checks import ExportReport
+
+    reason = _not_sd1(pipe)
+    if reason:  # no file rather than a file in a layout no tool expects
+        return [ExportReport(SINGLE_FILE, "sd-single-file", SINGLE_FILE_LOADER,
+                             note=f"not written: {reason}; the diffusers folder is the model.")]
+    path = Path(adapter_dir) / SINGLE_FILE
+    tmp = path.with_name(path.name + ".partial")
+    save_file(single_file_state_dict(pipe), str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return [check_single_file(path, pipe, config_dir=adapter_dir)]
+
+
+def _not_sd1(pipe) -> str | None:
+    """Why this model has no SD 1.x single-file layout, or None. SD 2.x files hold OpenCLIP under
+    `cond_stage_model.model.` (another layout, not written here); SDXL has two text encoders and
+    `conditioner.embedders.*`."""
+    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.addition_embed_type:
+        return "SDXL single files (two text encoders) are not written yet"
+    if pipe.unet.config.cross_attention_dim == 1024:
+        return "SD 2.x single files (OpenCLIP text encoder layout) are not written yet"
+    return None
+
+
+def check_single_file(path: Path, pipe, config_dir: Path):
+    """Read an SD 1.x single file with diffusers' `from_single_file` and compare with `pipe`.
+
+    Keys: the file's against those the studio writes for `pipe`. Output: UNet (noise prediction),
+    VAE decoder (image from latents) and text encoder (hidden states), each on one fixed input; the
+    report's max_abs_diff is the largest of the three. `config_dir` is a local diffusers folder of the
+    same architecture: it supplies the component configs (the tiny built-in model's sizes match no
+    original SD config), tokenizer and scheduler, never weights.
+    """
+    from safetensors import safe_open
+
+    from studio.adapters.checks import ExportReport
+
+    report = ExportReport(file=Path(path).name, format="sd-single-file", loader=SINGLE_FILE_LOADER, tolerance=1e-4)
+    with safe_open(str(path), "pt") as handle:
+        found = set(handle.keys())
+    expected = set(single_file_state_dict(pipe))
+    report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
+    try:
+        loaded = _load_single_file(path, config_dir)
+    except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
+        log.warning("diffusers could not load %s", path, exc_info=True)
+        report.note = f"diffusers' from_single_file refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
+        return report
+    report.missing_keys += _unfilled(loaded)
+    diffs = _compare(pipe, loaded)
+    log.info("single-file check of %s: %s", path, diffs)
+    report.max_abs_diff = max(diffs.values())
+    return report
+
+
+def _load_single_file(path: Path, config_dir: Path):
+    """diffusers 0.42's offline reading: `config=` a local diffusers folder gives every component's
+    config, so nothing is fetched and no original (LDM yaml) config is needed."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_single_file(
+        str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
+        safety_checker=None, requires_safety_checker=False)
+
+
+def _unfilled(loaded) -> list[str]:
+    """Parameters the loader left without a value (still on the meta device): the file lacked them."""
+    return sorted(f"{component}.{name}" for component in ("unet", "vae", "text_encoder")
+                  for name, p in getattr(loaded, component).named_parameters() if p.is_meta)
+
+
+def _compare(pipe, loaded) -> dict[str, float]:
+    import torch
+
+    from studio.adapters.lora import _fixed_unet_input
+
+    g = torch.Generator().manual_seed(0)
+    vae_cfg = pipe.vae.config
+    latent = vae_cfg.sample_size // 2 ** (len(vae_cfg.block_out_channels) - 1)
+    latents = torch.randn(1, vae_cfg.latent_channels, latent, latent, generator=g)
+    ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, 77), generator=g)
+    diffs = {}
+    with torch.no_grad():
+        for name in ("unet", "vae", "text_encoder"):
+            ours, theirs = getattr(pipe, name), getattr(loaded, name)
+            was_training, dtype = ours.training, next(ours.parameters()).dtype
+            if dtype != torch.float32:  # half-precision training: compare in float32
+                ours.float()
+            theirs.eval().to(next(ours.parameters()).device)
+            ours.eval()
+            if name == "unet":
+                inputs = _fixed_unet_input(ours)
+                a, b = ours(**inputs).sample, theirs(**inputs).sample
+            elif name == "vae":
+                z = latents.to(next(ours.parameters()).device)
+                a, b = ours.decode(z).sample, theirs.decode(z).sample
+            else:
+                t = ids.to(next(ours.parameters()).device)
+                a, b = ours(t)[0], theirs(t)[0]
+            diffs[name] = float((a.float() - b.float()).abs().max())
+            if dtype != torch.float32:
+                ours.to(dtype)
+            ours.train(was_training)
+    return diffs
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

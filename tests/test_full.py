@@ -1,0 +1,206 @@
+"""Full fine-tuning (DreamBooth): the whole UNet trains, the result is a base model, and its SD 1.x
+single file reads back through diffusers' from_single_file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from studio import adapters, models, prior, train
+from studio.adapters import checks, full
+from studio.config import build_config
+from studio.errors import StudioError
+from studio.paths import RunPaths
+
+PROMPT = "a photo of sks stuffed animal"
+STEPS = 3
+
+
+def config(dataset_dir, **values):
+    base = dict(model="builtin", dataset=str(dataset_dir), method="full", steps=STEPS, learning_rate=1e-3,
+                sample_every=0, sample_prompts=[], checkpoint_every=2)
+    return build_config(values={**base, **values})
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset_dir, builtin_model, tmp_path_factory):
+    """A 3-step full fine-tune (checkpoint at step 2); the trained in-memory pipeline and the weights before."""
+    seen, real_load = {}, models.load_pipeline
+
+    def spy(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+        return pipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_pipeline", spy)
+        result = train.run(config(dataset_dir), tmp_path_factory.mktemp("full") / "run")
+    assert result.status == "completed", result.message
+    return result.run_dir, seen["pipe"], seen["before"]
+
+
+def render(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.eval()
+    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def plain_pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+
+
+# ----------------------------------------------------------------------------- what trains
+
+def test_every_unet_weight_trains_and_nothing_else(full_run):
+    _, pipe, before = full_run
+    assert adapters.module_for("full") is full
+    unet = dict(pipe.unet.named_parameters())
+    assert all(p.requires_grad for p in unet.values())
+    after = pipe.unet.state_dict()
+    changed = [k for k, v in before["unet"].items() if not torch.equal(after[k], v)]
+    assert len(changed) == len(before["unet"]), sorted(set(before["unet"]) - set(changed))[:5]
+    for name in ("vae", "text_encoder"):
+        assert not any(p.requires_grad for p in getattr(pipe, name).parameters()), name
+        after = getattr(pipe, name).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
+
+
+def test_dreambooth_is_full_plus_prior_preservation(dataset_dir, builtin_model, tmp_path, monkeypatch):
+    drawn, real = [], prior.class_images
+    monkeypatch.setattr(prior, "class_images", lambda *a, **k: drawn.extend(real(*a, **k)) or list(drawn))
+    result = train.run(config(dataset_dir, steps=2, checkpoint_every=0, prior_preservation=True,
+                              num_class_images=2, class_image_steps=2), tmp_path / "run")
+    assert result.status == "completed", result.message
+    meta = adapters.read_meta(result.adapter_dir)
+    assert (meta.kind, meta.has_scale, meta.step) == ("full", False, 2)
+    assert (result.adapter_dir / "model_index.json").exists()
+    assert len(drawn) == 2  # the class images the prior-preservation loss trained on
+
+
+# ----------------------------------------------------------------------------- the result is a model
+
+def test_saved_folder_is_a_diffusers_model_that_draws_the_same_image(full_run):
+    run_dir, pipe, _ = full_run
+    adapter_dir = RunPaths(run_dir).adapter
+    assert adapters.read_meta(adapter_dir).kind == "full"
+    reloaded = plain_pipeline(adapter_dir)
+    ours, theirs = render(pipe), render(reloaded)
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - render(plain_pipeline(models.resolve("builtin").source))).max() > 1  # it did train
+
+
+def test_studio_accepts_it_as_a_base_model(full_run):
+    run_dir, pipe, _ = full_run
+    ref = models.resolve(str(RunPaths(run_dir).adapter))
+    loaded = models.load_pipeline(ref)
+    assert ref.source == str(RunPaths(run_dir).adapter.resolve())
+    a, b = loaded.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_loading_it_as_an_adapter_explains_what_to_do(full_run, builtin_model):
+    with pytest.raises(StudioError, match="base model"):
+        full.load_into(plain_pipeline(builtin_model), RunPaths(full_run[0]).adapter, "x")
+
+
+# ----------------------------------------------------------------------------- single-file export
+
+def test_single_file_has_the_original_sd_layout(full_run):
+    run_dir, pipe, _ = full_run
+    sd = load_file(str(RunPaths(run_dir).adapter / full.SINGLE_FILE))
+    n = sum(len(getattr(pipe, c).state_dict()) for c in ("unet", "vae", "text_encoder"))
+    assert len(sd) == n  # every parameter, each under one name
+    assert {k.split(".")[0] for k in sd} == {"model", "first_stage_model", "cond_stage_model"}
+    unet, vae = pipe.unet.state_dict(), pipe.vae.state_dict()
+    same = {  # LDM name -> the studio's tensor, one of each kind of layer
+        "model.diffusion_model.input_blocks.0.0.weight": unet["conv_in.weight"],
+        "model.diffusion_model.input_blocks.3.0.op.weight": unet["down_blocks.0.downsamplers.0.conv.weight"],
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight":
+            unet["down_blocks.1.resnets.0.conv_shortcut.weight"],
+        "model.diffusion_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight":
+            unet["down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k.weight"],
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight": unet["mid_block.resnets.1.time_emb_proj.weight"],
+        "model.diffusion_model.output_blocks.2.2.conv.weight": unet["up_blocks.0.upsamplers.0.conv.weight"],
+        "model.diffusion_model.output_blocks.5.0.out_layers.3.weight": unet["up_blocks.1.resnets.2.conv2.weight"],
+        "model.diffusion_model.out.2.weight": unet["conv_out.weight"],
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight":
+            vae["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"],
+        "first_stage_model.decoder.up.1.block.0.conv1.weight": vae["decoder.up_blocks.0.resnets.0.conv1.weight"],
+        "first_stage_model.decoder.up.1.upsample.conv.weight": vae["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+        "first_stage_model.decoder.norm_out.bias": vae["decoder.conv_norm_out.bias"],
+        "first_stage_model.encoder.mid.block_2.conv1.weight": vae["encoder.mid_block.resnets.1.conv1.weight"],
+    }
+    for key, value in same.items():
+        assert torch.equal(sd[key], value), key
+    q = sd["first_stage_model.decoder.mid.attn_1.q.weight"]  # a 1x1 convolution in LDM
+    assert q.shape == (64, 64, 1, 1) and torch.equal(q[:, :, 0, 0], vae["decoder.mid_block.attentions.0.to_q.weight"])
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in sd
+
+
+def test_single_file_reads_back_through_from_single_file(full_run):
+    adapter_dir = RunPaths(full_run[0]).adapter
+    reports = checks.read_reports(adapter_dir)
+    assert [(r.file, r.format, r.loader) for r in reports] == [
+        (full.SINGLE_FILE, "sd-single-file", full.SINGLE_FILE_LOADER)]
+    assert reports[0].ok, reports[0].summary()
+
+
+def test_the_loader_takes_weights_from_the_file_not_the_config_folder(full_run, builtin_model, tmp_path):
+    """With the untrained base model as config folder the check still passes: the weights came from the file."""
+    run_dir, pipe, _ = full_run
+    path = RunPaths(run_dir).adapter / full.SINGLE_FILE
+    assert full.check_single_file(path, pipe, config_dir=builtin_model).ok
+    sd = load_file(str(path))
+    sd["model.diffusion_model.out.2.bias"] = sd["model.diffusion_model.out.2.bias"] + 0.1
+    save_file(sd, str(tmp_path / "shifted.safetensors"))
+    report = full.check_single_file(tmp_path / "shifted.safetensors", pipe, config_dir=builtin_model)
+    assert not report.ok and report.max_abs_diff == pytest.approx(0.1, abs=1e-3)
+
+
+def test_a_file_missing_a_key_fails_the_check_naming_it(full_run, tmp_path):
+    run_dir, pipe, _ = full_run
+    adapter_dir = RunPaths(run_dir).adapter
+    sd = load_file(str(adapter_dir / full.SINGLE_FILE))
+    key = "model.diffusion_model.output_blocks.1.1.proj_out.weight"
+    del sd[key]
+    save_file(sd, str(tmp_path / "tampered.safetensors"))
+    report = full.check_single_file(tmp_path / "tampered.safetensors", pipe, config_dir=adapter_dir)
+    assert not report.ok and key in report.missing_keys
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_replays_the_uninterrupted_run(full_run, tmp_path):
+    run_dir, pipe, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "adapter")
+    shutil.rmtree(RunPaths(copy).checkpoint(STEPS))  # as if stopped after the step-2 checkpoint
+    result = train.resume(copy)
+    assert result.status == "completed" and result.step == STEPS, result.message
+    resumed = plain_pipeline(result.adapter_dir).unet.state_dict()
+    trained = pipe.unet.state_dict()
+    assert max(float((resumed[k] - trained[k]).abs().max()) for k in trained) < 1e-6
+
+
+def test_no_single_file_for_a_layout_it_does_not_know(tmp_path):
+    """SD 2.x (OpenCLIP, cross-attention 1024): no file in a layout no tool expects, and a note saying so."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(addition_embed_type=None, cross_attention_dim=1024)
+    [report] = full.export(tmp_path, SimpleNamespace(unet=SimpleNamespace(config=config), text_encoder_2=None))
+    assert not report.ok and "SD 2.x" in report.note
+    assert not (tmp_path / full.SINGLE_FILE).exists()
