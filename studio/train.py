@@ -367,7 +367,12 @@ def _save(adapter, pipe, out_dir: Path, cfg, spec, step) -> None:
 def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, emit, step: int, elapsed: float) -> None:
     """An adapter usable on its own, plus what resume needs (trainable weights, optimizer state)."""
     folder = paths.checkpoint(step)
-    _save(adapter, pipe, folder, cfg, spec, step)
+    if getattr(adapter, "SAVES_MODEL", False):
+        # A whole model per checkpoint would be a second multi-GB copy beside trainable.safetensors,
+        # which already holds every trained weight: such checkpoints keep only what resume needs.
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        _save(adapter, pipe, folder, cfg, spec, step)
     checkpoints.write_state(folder, pipe, stepper.optimizer, stepper.scaler, step, elapsed)
     emit(events.Checkpoint(step, str(folder.relative_to(paths.root))))
 

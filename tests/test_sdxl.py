@@ -281,3 +281,34 @@ def test_resume_an_sdxl_embedding_run(ti, tmp_path):
     result = train.resume(run, steps=6)
     assert result.status == "completed" and result.step == 6
     assert adapters.read_meta(run / "adapter").kind == "embedding"
+
+
+# ----------------------------------------------------------------------------- pivotal and full on SDXL
+
+def test_pivotal_on_sdxl_trains_both_rows_and_the_lora(dataset_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from studio.adapters import embedding
+
+    result = train.run(config(dataset_dir, method="pivotal", learning_rate=2e-2), tmp_path / "run")
+    assert result.status == "completed", result.message
+    rows = load_file(str(result.run_dir / "adapter" / embedding.WEIGHTS))
+    assert set(rows) == {"clip_l", "clip_g"}  # one learned row per text encoder
+    base = studio_render(Playground())
+    playground = Playground()
+    on = studio_render(playground, AdapterChoice(str(result.run_dir), 1.0))
+    half = studio_render(playground, AdapterChoice(str(result.run_dir), 0.5))
+    assert mean_diff(on, base) > 1 and mean_diff(on, half) > 0.1
+
+
+def test_full_fine_tune_on_sdxl_is_a_loadable_model(dataset_dir, tmp_path):
+    result = train.run(config(dataset_dir, method="full", learning_rate=1e-3, steps=2), tmp_path / "run")
+    assert result.status == "completed", result.message
+    folder = result.run_dir / "adapter"
+    tuned = np.asarray(Playground().generate(GenerateRequest(PROMPT, str(folder), [], seed=0, steps=GEN_STEPS,
+                                                             guidance=5.0)), dtype=np.int16)
+    assert mean_diff(tuned, studio_render(Playground())) > 1
+    assert mean_diff(render(plain_pipeline(folder)), tuned) < 0.5  # plain diffusers draws the same model
+    # checkpoints of a full fine-tune hold what resume needs, not a second copy of the model
+    checkpoint = result.run_dir / "checkpoints" / "step-000002"
+    assert (checkpoint / "trainable.safetensors").exists() and not (checkpoint / "unet").exists()

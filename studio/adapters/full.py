@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("full",)
 HAS_SCALE = False
+SAVES_MODEL = True  # checkpoints keep trainable.safetensors (the whole UNet) and no second model copy
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_LOADER = "diffusers from_single_file"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."

@@ -35,9 +35,8 @@ def save(pipe, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     out_dir = lora.save(pipe, out_dir)
-    token, vector = embedding.learned(pipe)
     tmp = out_dir / f"{embedding.WEIGHTS}.tmp-{os.getpid()}"
-    save_file({token: vector}, str(tmp))
+    save_file(embedding.file_contents(pipe), str(tmp))  # one row, or one per encoder on SDXL
     os.replace(tmp, out_dir / embedding.WEIGHTS)
     return out_dir
 
@@ -47,8 +46,8 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
 
     token = read_meta(adapter_dir).token
     if token in pipe.tokenizer.get_vocab():  # an older version of this adapter left its token loaded
-        pipe.unload_textual_inversion(token)
-    pipe.load_textual_inversion(str(Path(adapter_dir) / embedding.WEIGHTS), token=token)
+        embedding.unload(pipe, adapter_dir)
+    embedding.load_weights(pipe, Path(adapter_dir) / embedding.WEIGHTS, token)
     lora.load_into(pipe, adapter_dir, name)
 
 
