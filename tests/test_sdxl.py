@@ -312,3 +312,33 @@ def test_full_fine_tune_on_sdxl_is_a_loadable_model(dataset_dir, tmp_path):
     # checkpoints of a full fine-tune hold what resume needs, not a second copy of the model
     checkpoint = result.run_dir / "checkpoints" / "step-000002"
     assert (checkpoint / "trainable.safetensors").exists() and not (checkpoint / "unet").exists()
+
+
+# ----------------------------------------------------------------------------- kohya export on SDXL
+
+@pytest.mark.parametrize("method, extra", [("lora", {"locon": True}), ("dora", {})], ids=["lora-locon", "dora"])
+def test_sdxl_kohya_export_uses_ldm_names_and_verifies(dataset_dir, tmp_path, method, extra):
+    from safetensors.torch import load_file
+
+    from studio.adapters import checks, lora
+
+    result = train.run(config(dataset_dir, method=method, steps=3, **extra), tmp_path / "run")
+    assert result.status == "completed", result.message
+    reports = checks.read_reports(result.run_dir / "adapter")
+    assert [r.format for r in reports] == ["kohya"] and reports[0].ok, reports[0].summary()
+    keys = load_file(str(result.run_dir / "adapter" / lora.KOHYA_WEIGHTS))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert all("down_blocks" not in k and "up_blocks" not in k for k in keys)  # SDXL files: LDM layout
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.") for k in keys)
+
+
+def test_sdxl_kohya_file_loads_with_the_public_loader(dataset_dir, tmp_path):
+    from studio.adapters import lora
+
+    result = train.run(config(dataset_dir, method="lora", steps=3), tmp_path / "run")
+    pipe = plain_pipeline(models.resolve(models.BUILTIN_SDXL).source)
+    base = render(pipe)
+    pipe.load_lora_weights(str(result.run_dir / "adapter" / lora.KOHYA_WEIGHTS))  # as a user would
+    plain = render(pipe)
+    studio = studio_render(Playground(), AdapterChoice(str(result.run_dir), 1.0))
+    assert np.abs(plain - studio).max() <= 1 and mean_diff(plain, base) > 1

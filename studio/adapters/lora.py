@@ -89,6 +89,7 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
 # The file sits beside the diffusers-format weights, so the studio's own loading is unchanged.
 
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+EXPORTS_SDXL = True  # SDXL files get LDM names (input_blocks_4_1_...), as kohya writes them for SDXL
 KOHYA_LOADER = "diffusers kohya converter"
 
 # diffusers ResNet block layer -> the LDM ResBlock layer with the same weights.
@@ -148,6 +149,17 @@ def _join(prefix: str, slot: int, kind: str, rest: list[str], raw: bool = False)
     return ".".join([prefix, str(slot), *rest])
 
 
+def _kohya_path(path: str, unet) -> str:
+    """The dotted module path a kohya key is made from: diffusers layout for SD 1.x/2.x, LDM for SDXL."""
+    sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    return "unet." + (ldm_module_name(path, unet.config) if sdxl else path)
+
+
+def kohya_module_name(path: str, unet) -> str:
+    """The module part of a kohya key, e.g. lora_unet_down_blocks_1_attentions_0_proj_in."""
+    return _kohya_name(_kohya_path(path, unet))
+
+
 def kohya_state_dict(unet, adapter: str = "default") -> dict:
     """The UNet's LoRA/DoRA weights under kohya key names (see the comment above KOHYA_WEIGHTS).
 
@@ -164,7 +176,7 @@ def kohya_state_dict(unet, adapter: str = "default") -> dict:
     ab, magnitudes = {}, {}
     for key, value in peft_sd.items():
         module, _, param = key.partition(".lora_")
-        ldm = "unet." + module
+        ldm = _kohya_path(module, unet)
         value = value.detach().to("cpu", torch.float32).contiguous()
         if param == "magnitude_vector":
             # peft: (out,) linear, (1, out, 1, ...) conv -> kohya/LyCORIS: (out, 1, ...).
@@ -227,7 +239,7 @@ def check_kohya_file(path: Path, unet, adapter: str = "default"):
         report.note = f"diffusers' kohya converter refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
         return report
     want, got = _adapted_modules(studio, adapter), _adapted_modules(loaded, "kohya")
-    name = lambda m: _kohya_name("unet." + m)  # noqa: E731
+    name = lambda m: kohya_module_name(m, unet)  # noqa: E731
     report.missing_keys += sorted(name(m) for m in want - got)
     report.unexpected_keys += sorted(name(m) for m in got - want)
     with torch.no_grad():
@@ -274,9 +286,15 @@ def _fixed_unet_input(unet) -> dict:
     g = torch.Generator().manual_seed(0)
     c, size = unet.config, unet.config.sample_size
     device = next(unet.parameters()).device
-    return dict(sample=torch.randn(1, c.in_channels, size, size, generator=g).to(device),
-                timestep=torch.tensor([500], device=device),
-                encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, generator=g).to(device))
+    inputs = dict(sample=torch.randn(1, c.in_channels, size, size, generator=g).to(device),
+                  timestep=torch.tensor([500], device=device),
+                  encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, generator=g).to(device))
+    if getattr(c, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and size conditioning
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(1, pooled, generator=g).to(device),
+                                           time_ids=torch.tensor([[size * 8.0, size * 8.0, 0, 0, size * 8.0, size * 8.0]],
+                                                                 device=device))
+    return inputs
 
 
 def _first_line(exc: BaseException) -> str:
