@@ -15,6 +15,7 @@ from studio.adapters.checks import read_reports
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import RunPaths
+from tests.helpers import plain_pipeline, render
 
 PROMPT = "a photo of sks stuffed animal"
 GEN_STEPS = 3
@@ -29,21 +30,6 @@ def run(request, tmp_path_factory, dataset_dir, builtin_model) -> Path:
     result = train.run(cfg, tmp_path_factory.mktemp("kohya") / request.param)
     assert result.status == "completed", result.message
     return result.run_dir
-
-
-def plain_pipeline(builtin_model: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(builtin_model), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def render(pipe) -> np.ndarray:
-    image = pipe(PROMPT, num_inference_steps=GEN_STEPS, height=64, width=64, guidance_scale=7.5,
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 def studio_adapted_unet(builtin_model: Path, adapter_dir: Path):
@@ -84,13 +70,13 @@ def test_kohya_key_names(run):
 def test_plain_diffusers_renders_the_playground_image(run, builtin_model):
     file = RunPaths(run).adapter / lora.KOHYA_WEIGHTS
     pipe = plain_pipeline(builtin_model)
-    base = render(pipe)
+    base = render(pipe, GEN_STEPS)
     if "dora" in run.name:
         # load_lora_weights drops dora_scale keys (diffusers 0.42): use the converter it calls, directly.
         lora.load_kohya_into(pipe.unet, file, adapter_name="kohya")
     else:  # the public loader, as a user would call it
         pipe.load_lora_weights(str(file))
-    plain = render(pipe)
+    plain = render(pipe, GEN_STEPS)
     studio = np.asarray(Playground().generate(GenerateRequest(
         PROMPT, "builtin", [AdapterChoice(str(run), 1.0)], seed=0, steps=GEN_STEPS, guidance=7.5)),
         dtype=np.int16)

@@ -15,6 +15,7 @@ from studio.adapters.checks import read_reports
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS
+from tests.helpers import mean_diff, plain_pipeline, render, snapshot
 
 PROMPT = "a photo of sks stuffed animal"
 GEN_STEPS = 2
@@ -25,29 +26,6 @@ def small_config(dataset_dir: Path, method: str, **values):
     base = dict(model="builtin", dataset=str(dataset_dir), steps=15, learning_rate=1e-2, method=method,
                 sample_every=0, sample_steps=2, sample_prompts=[])
     return build_config(values={**base, **values})
-
-
-def plain_pipeline(builtin_model: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(builtin_model), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def render(pipe) -> np.ndarray:
-    image = pipe(PROMPT, num_inference_steps=GEN_STEPS, height=64, width=64, guidance_scale=7.5,
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
-def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean())
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def is_adapter_key(key: str) -> bool:
@@ -77,7 +55,7 @@ def trained(tmp_path_factory, dataset_dir, builtin_model):
 
 @pytest.fixture(scope="module")
 def base_image(builtin_model) -> np.ndarray:
-    return render(plain_pipeline(builtin_model))
+    return render(plain_pipeline(builtin_model), GEN_STEPS)
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -135,10 +113,10 @@ def test_native_file_reproduces_the_trained_pipeline(trained, builtin_model, kin
     assert adapters.read_meta(folder).kind == kind
 
     trained_pipe.unet.eval()
-    expected = render(trained_pipe)
+    expected = render(trained_pipe, GEN_STEPS)
     pipe = plain_pipeline(builtin_model)
     lycoris.load_into(pipe, folder, "x")
-    assert np.array_equal(render(pipe), expected)
+    assert np.array_equal(render(pipe, GEN_STEPS), expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,7 +126,7 @@ def test_scales_zero_half_one(trained, builtin_model, base_image, kind):
     images = {}
     for scale in (0.0, 0.5, 1.0):
         adapters.set_scales(pipe, ["x"], [scale])
-        images[scale] = render(pipe)
+        images[scale] = render(pipe, GEN_STEPS)
     assert np.array_equal(images[0.0], base_image)  # scale 0 is the base exactly
     assert mean_diff(images[1.0], base_image) > 1.0
     assert mean_diff(images[0.5], images[0.0]) > 0.5

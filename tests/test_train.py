@@ -15,6 +15,7 @@ from studio.config import TrainConfig, build_config, load_run_config
 from studio.errors import StudioError
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LORA_WEIGHTS, RunPaths
+from tests.helpers import plain_pipeline, snapshot
 
 GEN_STEPS = 3
 PROMPT = "a photo of sks stuffed animal"
@@ -27,25 +28,12 @@ def small_config(dataset_dir: Path, **values) -> TrainConfig:
     return build_config(values={**base, **values})
 
 
-def plain_pipeline(builtin_model: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(builtin_model), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- what trains
