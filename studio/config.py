@@ -19,7 +19,7 @@ from studio.errors import StudioError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
-Method = Literal["lora", "dora", "loha", "lokr", "embedding", "pivotal", "full"]
+Method = Literal["lora", "dora", "loha", "lokr", "embedding", "pivotal", "full", "custom"]
 Optimizer = Literal["adamw", "adamw8bit"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "cosine"]
@@ -39,7 +39,12 @@ class TrainConfig:
                            "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024), "
                            "'embedding' (textual inversion: one new token's embedding, Gal et al. 2022), "
                            "'pivotal' (a new token's embedding and a LoRA together), 'full' (the whole UNet, "
-                           "as DreamBooth does; add prior_preservation for the paper's objective).", "lora")
+                           "as DreamBooth does; add prior_preservation for the paper's objective), 'custom' (Custom "
+                           "Diffusion, Kumari et al. 2023: the UNet's cross-attention K/V weights and a new "
+                           "token per concept; add prior_preservation and extra_datasets for the paper's "
+                           "multi-concept training).", "lora")
+    extra_datasets: list[str] = _help("More dataset folders trained jointly with 'dataset', each with its own "
+                                      "trigger word and class word (one run, several concepts).", factory=list)
     initializer_token: str = _help("Textual inversion: the word the new token's embedding starts from; "
                                    "empty takes the class word's last word.", "")
     rank: int = _help("Adapter rank r (LoHa: of each Hadamard factor): size and capacity.", 8)

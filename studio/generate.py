@@ -56,6 +56,11 @@ class _Loaded:
     folder: Path
 
 
+def _peft_scaled(module) -> bool:
+    """Scaled through peft's set_adapters (rather than by the module's own set_scale)."""
+    return module.HAS_SCALE and not hasattr(module, "set_scale")
+
+
 class Playground:
     def __init__(self, cache: models.PipelineCache | None = None):
         self.cache = cache or models.PipelineCache()
@@ -96,30 +101,35 @@ class Playground:
 
     def _unload(self, pipe, key: str) -> None:
         loaded = self._loaded.pop(key)
-        if loaded.module.HAS_SCALE:
+        if _peft_scaled(loaded.module):
             pipe.delete_adapters(loaded.name)
-        else:
+        if hasattr(loaded.module, "unload"):
             loaded.module.unload(pipe, loaded.folder)
 
     def set_scales(self, model: str, choices: list[AdapterChoice]) -> float:
         """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took.
 
-        Kinds without a scale (an embedding) are on at any scale but 0, and off (unloaded) at 0.
+        - peft kinds (LoRA, DoRA, LoHa, LoKr): set_adapters; at 0 switched off rather than scaled
+          (DoRA's learned magnitude does not scale with peft's adapter weight).
+        - kinds with their own `set_scale` (Custom Diffusion): interpolated in place at any scale.
+        - kinds without a scale (an embedding): on at any scale but 0, unloaded at 0.
+        Adapters loaded earlier but not asked for now are switched off or unloaded.
         """
         with self._lock:
             pipe, _ = self.pipeline(model)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
-            # An adapter at scale 0 is switched off rather than scaled: DoRA's learned magnitude does not
-            # scale with peft's adapter weight, so only leaving it out makes 0 exactly the base model.
-            scaled = [(l.name, float(c.scale)) for c, l in wanted if l.module.HAS_SCALE and c.scale != 0]
+            scaled = [(l.name, float(c.scale)) for c, l in wanted if _peft_scaled(l.module) and c.scale != 0]
             keep = {str(l.folder) for c, l in wanted if l.module.HAS_SCALE or c.scale != 0}
             for key, loaded in list(self._loaded.items()):
-                if not loaded.module.HAS_SCALE and str(loaded.folder) not in keep:
+                if not _peft_scaled(loaded.module) and str(loaded.folder) not in keep:
                     self._unload(pipe, key)
+            for choice, loaded in wanted:
+                if hasattr(loaded.module, "set_scale"):
+                    loaded.module.set_scale(pipe, loaded.folder, float(choice.scale))
             if scaled:
                 adapters.set_scales(pipe, [n for n, _ in scaled], [s for _, s in scaled])
-            elif any(l.module.HAS_SCALE for l in self._loaded.values()):
+            elif any(_peft_scaled(l.module) for l in self._loaded.values()):
                 pipe.disable_lora()
             return time.perf_counter() - start
 
@@ -139,6 +149,6 @@ class Playground:
                             generator=generator).images[0]
 
     def generate_pair(self, req: GenerateRequest):
-        """(base, adapted) for the same seed: the base is every adapter at scale 0."""
-        base = GenerateRequest(**{**req.__dict__, "adapters": [AdapterChoice(c.path, 0.0) for c in req.adapters]})
+        """(base, adapted) for the same seed: the base is the model with no adapter of any kind."""
+        base = GenerateRequest(**{**req.__dict__, "adapters": []})
         return self.generate(base), self.generate(req)

@@ -53,8 +53,9 @@ class _Frozen:
     pooled: torch.Tensor | None = None  # SDXL: text_encoder_2's pooled embedding per caption
     class_mean: torch.Tensor | None = None  # prior preservation: class images' posteriors
     class_std: torch.Tensor | None = None
-    class_text: torch.Tensor | None = None  # the class prompt's hidden states, (1, tokens, dim)
-    class_pooled: torch.Tensor | None = None  # SDXL: the class prompt's pooled embedding, (1, dim)
+    class_text: torch.Tensor | None = None  # each class prompt's hidden states, (class words, tokens, dim)
+    class_pooled: torch.Tensor | None = None  # SDXL: each class prompt's pooled embedding, (class words, dim)
+    class_of: torch.Tensor | None = None  # class image -> row of class_text
     captions: list[str] | None = None
     token_ids: tuple[torch.Tensor, ...] | None = None  # captions as ids per tokenizer, when text is encoded every step
     n_images: int = 0
@@ -65,14 +66,27 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if not cfg.dataset:
         raise StudioError("No dataset was chosen; prepare one in the Dataset tab or give --dataset.")
     spec = load_dataset(Path(cfg.dataset))
+    _check_extra(spec, cfg.extra_datasets)
     ref = models.resolve(cfg.model)
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
     resolved = TrainConfig(**{**cfg.to_dict(), "model": ref.name,
                               "dataset": str(Path(cfg.dataset).resolve()),
+                              "extra_datasets": [str(Path(d).resolve()) for d in cfg.extra_datasets],
                               "resolution": cfg.resolution or spec.resolution})
     return resolved, spec, ref
+
+
+def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
+    """The extra datasets' specs; each concept needs a trigger word of its own."""
+    specs = [load_dataset(Path(d)) for d in extra]
+    tokens = [spec.token] + [s.token for s in specs]
+    for token in tokens:
+        if tokens.count(token) > 1:
+            raise StudioError(f"Two of the datasets trained together use the trigger word '{token}'; "
+                              "give each concept its own trigger word.")
+    return specs
 
 
 def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
@@ -102,6 +116,7 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
         values["steps"] = steps
     cfg = build_config(values=values)
     spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model)
+    _check_extra(spec, cfg.extra_datasets)
     last = checkpoints.latest(paths)
     if last is None:
         raise StudioError(f"Run '{paths.run_id}' has no complete checkpoint to resume from; start a new run.")
@@ -139,9 +154,10 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     if notice:
         emit(events.Progress(state["step"], cfg.steps, notice))
     pipe = models.load_pipeline(ref, device, dtype)
-    frozen = _cache_frozen(pipe, ConceptDataset(Path(cfg.dataset), cfg.resolution), device, dtype, cfg.flip_p > 0)
+    data = [ConceptDataset(Path(d), cfg.resolution) for d in [cfg.dataset, *cfg.extra_datasets]]
+    frozen = _cache_frozen(pipe, data, device, dtype, cfg.flip_p > 0)
     if cfg.prior_preservation:  # drawn by the base model, so before any adapter is attached
-        _cache_class(pipe, frozen, cfg, spec, device, dtype, emit, should_stop)
+        _cache_class(pipe, frozen, cfg, [d.spec for d in data], device, dtype, emit, should_stop)
     torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
@@ -213,25 +229,36 @@ def _optimizer(cfg: TrainConfig, params: list, device: str, weight_decay: float)
 
 
 @torch.no_grad()
-def _cache_frozen(pipe, data: ConceptDataset, device: str, dtype, flips: bool) -> _Frozen:
-    views = [data.pixels, data.pixels.flip(-1)] if flips else [data.pixels]
+def _cache_frozen(pipe, data: ConceptDataset | list[ConceptDataset], device: str, dtype, flips: bool) -> _Frozen:
+    """Several datasets (concepts trained jointly) become one list of images and captions."""
+    data = data if isinstance(data, list) else [data]
+    pixels = torch.cat([d.pixels for d in data])
+    captions = [c for d in data for c in d.captions]
+    views = [pixels, pixels.flip(-1)] if flips else [pixels]
     posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
-    text, pooled = encode_text(pipe, tokenize_all(pipe, data.captions, device))
+    text, pooled = encode_text(pipe, tokenize_all(pipe, captions, device))
     frozen = _Frozen(torch.stack([p.mean.float() for p in posteriors]),
                      torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor, pooled)
-    frozen.captions, frozen.n_images = list(data.captions), len(data.captions)
+    frozen.captions, frozen.n_images = captions, len(captions)
     return frozen
 
 
 @torch.no_grad()
-def _cache_class(pipe, frozen: _Frozen, cfg, spec, device, dtype, emit, should_stop) -> None:
-    files = prior.class_images(pipe, cfg, spec.class_word, emit, should_stop)
-    if not files:
-        return  # cancelled before the first class image: the loop stops at once
+def _cache_class(pipe, frozen: _Frozen, cfg, specs: list[DatasetSpec], device, dtype, emit, should_stop) -> None:
+    """Class images of every class word among the datasets, each paired with its own class prompt."""
+    words = list(dict.fromkeys(s.class_word for s in specs))
+    files, of = [], []
+    for i, word in enumerate(words):
+        drawn = prior.class_images(pipe, cfg, word, emit, should_stop)
+        if not drawn:
+            return  # cancelled before the first class image: the loop stops at once
+        files += drawn
+        of += [i] * len(drawn)
     posterior = pipe.vae.encode(load_pixels(files, cfg.resolution).to(device, dtype)).latent_dist
     frozen.class_mean, frozen.class_std = posterior.mean.float(), posterior.std.float()
-    prompt = render(cfg.class_prompt, "", spec.class_word)
-    frozen.class_text, frozen.class_pooled = encode_text(pipe, tokenize_all(pipe, [prompt], device))
+    prompts = [render(cfg.class_prompt, "", w) for w in words]
+    frozen.class_text, frozen.class_pooled = encode_text(pipe, tokenize_all(pipe, prompts, device))
+    frozen.class_of = torch.tensor(of)
 
 
 def _tokenize(pipe, prompts: list[str], device, tokenizer=None) -> torch.Tensor:
@@ -345,9 +372,10 @@ class _Stepper:
             else:
                 text, pooled = encode_text(self.pipe, tuple(ids[index] for ids in f.token_ids))
             if with_prior:
-                text = torch.cat([text, f.class_text.expand(len(index), -1, -1).to(text.dtype)])
+                rows = f.class_of[picks].to(f.class_text.device)
+                text = torch.cat([text, f.class_text[rows].to(text.dtype)])
                 if pooled is not None:
-                    pooled = torch.cat([pooled, f.class_pooled.expand(len(index), -1).to(pooled.dtype)])
+                    pooled = torch.cat([pooled, f.class_pooled[rows].to(pooled.dtype)])
             pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text,
                              **unet_kwargs(pooled, cfg.resolution)).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None

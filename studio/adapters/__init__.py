@@ -12,12 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from studio.adapters import embedding, full, lora, lycoris, pivotal
+from studio.adapters import custom, embedding, full, lora, lycoris, pivotal
 from studio.errors import StudioError
 from studio.paths import ADAPTER_META
 
 # kind -> module; a module may serve several kinds (LoRA and DoRA differ only in one flag).
-ADAPTERS = {kind: module for module in (lora, lycoris, embedding, pivotal, full) for kind in module.KINDS}
+ADAPTERS = {kind: module for module in (lora, lycoris, embedding, pivotal, full, custom) for kind in module.KINDS}
 
 # LoCon (kohya): beyond attention, the ResNet convolutions, the transformer's in/out projections
 # and its feed-forward layers. peft matches these names as suffixes of module paths.
