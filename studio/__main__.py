@@ -100,7 +100,7 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from studio import events
+    from studio import distributed, events
     from studio.config import build_config
     from studio.train import resume, run
 
@@ -127,6 +127,8 @@ def cmd_train(args) -> int:
         result = resume(args.resume, on_event=show, steps=args.steps)
     else:
         result = run(build_config(args.preset, values, args.overrides), args.out, on_event=show)
+    if not distributed.world().main:  # under torchrun / accelerate launch, rank 0 speaks for all
+        return 0 if result.status != "failed" else 2
     print(result.message)
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from studio import adapters, checkpoints, events, models, prior
+from studio import adapters, checkpoints, distributed, events, models, prior
 from studio.adapters import AdapterMeta
 from studio.config import TrainConfig, build_config, load_run_config, save_config
 from studio.data.captions import render
@@ -71,6 +71,10 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
+    w = distributed.world()
+    if cfg.batch_size % w.size:
+        raise StudioError(f"Setting 'batch_size' ({cfg.batch_size}) is the global batch and must be a multiple of "
+                          f"the {w.size} training processes; choose {w.size * max(1, cfg.batch_size // w.size)}.")
     resolved = TrainConfig(**{**cfg.to_dict(), "model": ref.name,
                               "dataset": str(Path(cfg.dataset).resolve()),
                               "extra_datasets": [str(Path(d).resolve()) for d in cfg.extra_datasets],
@@ -91,14 +95,23 @@ def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
 
 def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
         should_stop: Callable[[], bool] | None = None) -> RunResult:
+    w = distributed.world()
+    distributed.setup(w)
     cfg, spec, ref = prepare(cfg, run_dir)
+    distributed.barrier(w)  # every rank has checked the folder is new before rank 0 writes into it
     paths = RunPaths(Path(run_dir))
-    save_config(cfg, paths.config)  # fully resolved, before step 0
-    emit = events.Emitter(paths.events, on_event)
+    if w.main:
+        save_config(cfg, paths.config)  # fully resolved, before step 0
+    emit = _emitter(paths, on_event, w)
     emit(events.Started(paths.run_id, cfg.steps))
     if ref.notice:
         emit(events.Progress(0, cfg.steps, ref.notice))
     return _guarded(cfg, spec, ref, paths, emit, should_stop, None)
+
+
+def _emitter(paths: RunPaths, on_event, w: distributed.World):
+    """Rank 0 logs and reports; the other ranks of a multi-process run stay silent."""
+    return events.Emitter(paths.events, on_event) if w.main else (lambda event: None)
 
 
 def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callable[[], bool] | None = None,
@@ -123,9 +136,13 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
     if last.step >= cfg.steps:
         raise StudioError(f"Run '{paths.run_id}' already reached step {last.step} of {cfg.steps}; "
                           "give a larger --steps to train longer.")
-    save_config(cfg, paths.config)
-    checkpoints.truncate_events(paths.events, last.step)  # the curve continues from the checkpoint
-    emit = events.Emitter(paths.events, on_event)
+    w = distributed.world()
+    distributed.setup(w)
+    distributed.barrier(w)
+    if w.main:
+        save_config(cfg, paths.config)
+        checkpoints.truncate_events(paths.events, last.step)  # the curve continues from the checkpoint
+    emit = _emitter(paths, on_event, w)
     emit(events.Progress(last.step, cfg.steps, f"Resumed from step {last.step} of {cfg.steps}."))
     return _guarded(cfg, spec, ref, paths, emit, should_stop, last)
 
@@ -149,7 +166,10 @@ def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from) ->
 
 
 def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunResult:
+    w = distributed.world()
     device = models.pick_device()
+    if device == "cuda" and w.parallel:
+        device = f"cuda:{w.local_rank}"
     dtype, notice = models.resolve_precision(cfg.mixed_precision, device)
     if notice:
         emit(events.Progress(state["step"], cfg.steps, notice))
@@ -157,7 +177,11 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     data = [ConceptDataset(Path(d), cfg.resolution) for d in [cfg.dataset, *cfg.extra_datasets]]
     frozen = _cache_frozen(pipe, data, device, dtype, cfg.flip_p > 0)
     if cfg.prior_preservation:  # drawn by the base model, so before any adapter is attached
+        if not w.main:
+            distributed.barrier(w)  # rank 0 draws the class images into the cache first
         _cache_class(pipe, frozen, cfg, [d.spec for d in data], device, dtype, emit, should_stop)
+        if w.main:
+            distributed.barrier(w)
     torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
@@ -171,7 +195,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
         pipe.unet.enable_gradient_checkpointing()
     optimizer = _optimizer(cfg, params, device, getattr(adapter, "WEIGHT_DECAY", 1e-2))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    stepper = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params)
+    stepper = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params, w)
     if resume_from is not None:
         checkpoints.restore(resume_from, pipe, optimizer, schedule, stepper.scaler)
     start, status = time.perf_counter() - (resume_from.elapsed_s if resume_from else 0.0), "completed"
@@ -188,15 +212,17 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
         step = state["step"]
         elapsed = time.perf_counter() - start
         emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], elapsed))
-        if step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if w.main and step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, step, elapsed)
-        if step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
+        if w.main and step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
             _samples(pipe, cfg, spec, paths, step, emit)
-    _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
-    _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
-    _export(adapter, pipe, paths, emit, state["step"])
-    if status == "completed":
-        _samples(pipe, cfg, spec, paths, state["step"], emit)
+    if w.main:  # every rank holds the same weights; one writes them
+        _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
+        _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
+        _export(adapter, pipe, paths, emit, state["step"])
+        if status == "completed":
+            _samples(pipe, cfg, spec, paths, state["step"], emit)
+    distributed.barrier(w)  # no rank returns before the files exist
     message = (f"Cancelled at step {state['step']}; the adapter so far is saved." if status == "cancelled"
                else f"Finished {state['step']} steps.")
     emit(events.Finished(status, state["step"], message, "adapter"))
@@ -320,9 +346,11 @@ def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> tor
 class _Stepper:
     """One optimizer step: over each micro-batch sample latents and noise, predict, regress; then update."""
 
-    def __init__(self, pipe, frozen: _Frozen, cfg: TrainConfig, device, dtype, optimizer, schedule, params):
+    def __init__(self, pipe, frozen: _Frozen, cfg: TrainConfig, device, dtype, optimizer, schedule, params,
+                 world: distributed.World | None = None):
         from diffusers import DDPMScheduler
 
+        self.world = world or distributed.World()
         self.pipe, self.unet, self.frozen, self.cfg = pipe, pipe.unet, frozen, cfg
         self.device, self.dtype = device, dtype
         self.optimizer, self.schedule, self.params = optimizer, schedule, params
@@ -340,6 +368,13 @@ class _Stepper:
             loss = self._loss(batch_indices(self.cfg, self.frozen.n_images, step, micro), g)
             self.scaler.scale(loss / accumulate).backward()
             total += loss.item() / accumulate
+        # Each rank's loss is the mean over its equal share of the global batch, so the mean of the
+        # ranks' gradients is the gradient of the global batch's mean loss.
+        distributed.average_([p.grad for p in self.params if p.grad is not None], self.world)
+        if self.world.parallel:
+            reported = torch.tensor([total])
+            distributed.average_([reported], self.world)
+            total = reported.item()
         if self.cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -365,6 +400,11 @@ class _Stepper:
         noise = noise.to(latents.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         t = t.to(latents.device)
+        # Every rank drew the randomness of the whole global batch above; it computes its own rows.
+        mine = distributed.shard(len(index), self.world)
+        take = torch.cat([mine, mine + len(index)]) if with_prior else mine
+        latents, noise, t = latents[take], noise[take], t[take]
+        index = index[mine]
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with self.autocast:
             if f.text is not None:
@@ -372,7 +412,7 @@ class _Stepper:
             else:
                 text, pooled = encode_text(self.pipe, tuple(ids[index] for ids in f.token_ids))
             if with_prior:
-                rows = f.class_of[picks].to(f.class_text.device)
+                rows = f.class_of[picks[mine]].to(f.class_text.device)
                 text = torch.cat([text, f.class_text[rows].to(text.dtype)])
                 if pooled is not None:
                     pooled = torch.cat([pooled, f.class_pooled[rows].to(pooled.dtype)])
