@@ -342,3 +342,19 @@ def test_sdxl_kohya_file_loads_with_the_public_loader(dataset_dir, tmp_path):
     plain = render(pipe)
     studio = studio_render(Playground(), AdapterChoice(str(result.run_dir), 1.0))
     assert np.abs(plain - studio).max() <= 1 and mean_diff(plain, base) > 1
+
+
+def test_custom_diffusion_on_sdxl(dataset_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    result = train.run(config(dataset_dir, method="custom", learning_rate=1e-3, steps=3), tmp_path / "run")
+    assert result.status == "completed", result.message
+    kv = load_file(str(result.run_dir / "adapter" / "custom_kv.safetensors"))
+    assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
+    rows = load_file(str(result.run_dir / "adapter" / "embeddings" / "sks.safetensors"))
+    assert set(rows) == {"clip_l", "clip_g"}  # the token's row in both text encoders
+    playground = Playground()
+    on = studio_render(playground, AdapterChoice(str(result.run_dir), 1.0))
+    assert mean_diff(on, studio_render(Playground())) > 1
+    off = studio_render(playground, AdapterChoice(str(result.run_dir), 0.0))
+    assert mean_diff(off, on) > 0.1
