@@ -71,6 +71,9 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
+    if cfg.train_text_encoder and cfg.method not in ("lora", "dora"):
+        raise StudioError(f"Setting 'train_text_encoder' works with the lora and dora methods, not '{cfg.method}'; "
+                          "turn it off or choose lora or dora.")
     w = distributed.world()
     if cfg.batch_size % w.size:
         raise StudioError(f"Setting 'batch_size' ({cfg.batch_size}) is the global batch and must be a multiple of "
@@ -185,7 +188,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
     adapter.attach(pipe, cfg)
-    if getattr(adapter, "TRAINS_TEXT", False):  # the captions' encoding changes as the embedding learns
+    if getattr(adapter, "TRAINS_TEXT", False) or cfg.train_text_encoder:  # the captions' encoding changes
         frozen.text, frozen.pooled = None, None
         frozen.token_ids = tokenize_all(pipe, frozen.captions, device)
     params = adapter.trainable_parameters(pipe)

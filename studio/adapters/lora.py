@@ -29,10 +29,30 @@ def attach(pipe, cfg) -> None:
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                         target_modules=target_modules(cfg), use_dora=cfg.method == "dora")
     pipe.unet.add_adapter(config)
+    if getattr(cfg, "train_text_encoder", False):
+        for _, encoder in text_encoders(pipe):
+            encoder.requires_grad_(False)
+            encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                           target_modules=TEXT_TARGETS, use_dora=cfg.method == "dora"))
+
+
+# The text encoder's attention projections (CLIP); kohya's and diffusers' text-encoder LoRAs adapt these.
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def text_encoders(pipe) -> list[tuple[str, object]]:
+    """(component name, encoder) for each text encoder of the pipeline: one for SD, two for SDXL."""
+    names = ("text_encoder", "text_encoder_2")
+    return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
+
+
+def adapted_text_encoders(pipe) -> list[tuple[str, object]]:
+    return [(n, e) for n, e in text_encoders(pipe) if "default" in (getattr(e, "peft_config", None) or {})]
 
 
 def trainable_parameters(pipe) -> list:
-    return [p for name, p in pipe.unet.named_parameters() if "lora_" in name and p.requires_grad]
+    modules = [pipe.unet] + [e for _, e in adapted_text_encoders(pipe)]
+    return [p for m in modules for name, p in m.named_parameters() if "lora_" in name and p.requires_grad]
 
 
 def state_dict(unet) -> dict:
@@ -61,8 +81,12 @@ def save(pipe, out_dir: Path) -> Path:
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict(pipe.unet).items()}
     # The LoraConfig goes into the file's metadata: without it load_lora_weights assumes alpha = rank,
     # and an adapter trained with alpha != rank reloads at the wrong strength (rank/alpha times too strong).
+    extra = {}
+    for name, encoder in adapted_text_encoders(pipe):  # text_encoder_lora_layers, text_encoder_2_...
+        extra[f"{name}_lora_layers"] = {k: v.detach().to("cpu").contiguous() for k, v in state_dict(encoder).items()}
+        extra[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     writer.save_lora_weights(tmp, unet_lora_layers=weights, weight_name=LORA_WEIGHTS, safe_serialization=True,
-                             unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+                             unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(), **extra)
     return swap_into_place(tmp, out_dir)
 
 
@@ -205,9 +229,81 @@ def export(adapter_dir: Path, pipe) -> list:
 
     path = Path(adapter_dir) / KOHYA_WEIGHTS
     tmp = path.with_name(path.name + ".partial")
-    save_file(kohya_state_dict(pipe.unet), str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    state = {**kohya_state_dict(pipe.unet), **kohya_text_state_dict(pipe)}
+    save_file(state, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
     tmp.replace(path)
-    return [check_kohya_file(path, pipe.unet)]
+    reports = [check_kohya_file(path, pipe.unet)]
+    if adapted_text_encoders(pipe):
+        reports.append(check_kohya_text(path, pipe))
+    return reports
+
+
+def kohya_text_state_dict(pipe) -> dict:
+    """Text-encoder LoRA/DoRA under kohya names: lora_te_ (SD), lora_te1_ / lora_te2_ (SDXL), then the
+    module path of CLIP's text model (text_model_encoder_layers_0_self_attn_q_proj)."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    sdxl = len(text_encoders(pipe)) > 1
+    out = {}
+    for index, (name, encoder) in enumerate(text_encoders(pipe), start=1):
+        if (name, encoder) not in adapted_text_encoders(pipe):
+            continue
+        prefix = f"lora_te{index}_" if sdxl else "lora_te_"
+        alpha = float(encoder.peft_config["default"].lora_alpha)
+        for key, value in get_peft_model_state_dict(encoder).items():
+            module, _, param = key.partition(".lora_")
+            # transformers 5 names CLIPTextModel's modules without the "text_model." that kohya keys keep
+            path = module if module.startswith("text_model.") else "text_model." + module
+            stem = prefix + path.replace(".", "_")
+            value = value.detach().to("cpu", torch.float32).contiguous()
+            if param == "magnitude_vector":
+                out[f"{stem}.dora_scale"] = value.reshape(-1, 1)  # peft (out,) -> kohya (out, 1)
+            else:
+                out[f"{stem}.lora_{'down' if param.startswith('A') else 'up'}.weight"] = value
+            out[f"{stem}.alpha"] = torch.tensor(alpha)  # one tensor per key: safetensors refuses shared memory
+    return out
+
+
+def check_kohya_text(path: Path, pipe):
+    """The file's text-encoder part read by diffusers' kohya converter into the base model's own text
+    encoder(s), fresh from disk; encodings of one prompt compared with the studio's adapted encoders."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.adapters.checks import ExportReport
+
+    report = ExportReport(file=Path(path).name, format="kohya-text-encoder", loader=KOHYA_LOADER)
+    file = {k: v for k, v in load_file(str(path)).items() if k.startswith("lora_te")}
+    expected = set(kohya_text_state_dict(pipe))
+    report.missing_keys, report.unexpected_keys = sorted(expected - set(file)), sorted(set(file) - expected)
+    try:
+        state, alphas = _convert_non_diffusers_lora_to_diffusers(dict(file))
+    except Exception as exc:  # a refusal is the finding
+        report.note = f"diffusers' kohya converter refused the text-encoder keys ({exc.__class__.__name__}: {_first_line(exc)})."
+        return report
+    ids = pipe.tokenizer("a photo of a dog", padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    worst = 0.0
+    for name, encoder in adapted_text_encoders(pipe):
+        cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        fresh = cls.from_pretrained(pipe.config._name_or_path, subfolder=name).to(encoder.device).eval()
+        part = {k: (v.reshape(-1) if "lora_magnitude_vector" in k else v)
+                for k, v in state.items() if k.startswith(name + ".")}
+        StableDiffusionPipeline.load_lora_into_text_encoder(part, network_alphas=alphas, text_encoder=fresh,
+                                                            prefix=name, adapter_name="kohya")
+        if not any("kohya" in getattr(m, "lora_A", {}) for m in fresh.modules()):
+            report.note = f"no adapter from the file landed on {name}."
+            return report
+        with torch.no_grad():
+            ours = encoder.eval()(ids.to(encoder.device))[0].float()
+            theirs = fresh(ids.to(encoder.device))[0].float()
+        worst = max(worst, (ours - theirs).abs().max().item())
+    report.max_abs_diff = worst
+    return report
 
 
 def check_kohya_file(path: Path, unet, adapter: str = "default"):
@@ -225,7 +321,8 @@ def check_kohya_file(path: Path, unet, adapter: str = "default"):
     from studio.adapters.checks import ExportReport
 
     report = ExportReport(file=Path(path).name, format="kohya", loader=KOHYA_LOADER, tolerance=1e-4)
-    expected, found = set(kohya_state_dict(unet, adapter)), set(load_file(str(path)))
+    expected = set(kohya_state_dict(unet, adapter))
+    found = {k for k in load_file(str(path)) if not k.startswith("lora_te")}  # checked by check_kohya_text
     report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
 
     studio = copy.deepcopy(unet).float().eval()
