@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,27 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@contextmanager
+def loaded_pipeline():
+    """Record the pipeline a training run loads, and its weights as loaded (before any adapter).
+
+    Yields a dict that holds, once the run has loaded its model, "pipe" (the live pipeline, trained
+    in place) and "before" ({component: state dict} for unet, vae and text_encoder).
+    """
+    from studio import models
+
+    seen, real = {}, models.load_pipeline
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        seen["pipe"] = pipe
+        seen["before"] = {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+        return pipe
+
+    models.load_pipeline = spy
+    try:
+        yield seen
+    finally:
+        models.load_pipeline = real

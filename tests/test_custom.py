@@ -15,6 +15,7 @@ from studio.adapters import custom
 from studio.config import build_config
 from studio.errors import StudioError
 from studio.generate import AdapterChoice, GenerateRequest, Playground
+from tests.helpers import loaded_pipeline
 
 PROMPT = "a photo of sks stuffed animal and zwx toy duck"
 
@@ -41,21 +42,8 @@ def config(dataset_dir, duck_dir, **values):
 
 @pytest.fixture(scope="module")
 def custom_run(dataset_dir, duck_dir, builtin_model, tmp_path_factory):
-    seen = {}
-    real_load = models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"] = pipe
-        seen["before"] = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()}
-                          for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    models.load_pipeline = spy
-    try:
+    with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir, duck_dir), tmp_path_factory.mktemp("custom") / "run")
-    finally:
-        models.load_pipeline = real_load
     assert result.status == "completed", result.message
     return result.run_dir, seen
 

@@ -13,6 +13,7 @@ from studio import models, train
 from studio.adapters import checks, embedding
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
+from tests.helpers import loaded_pipeline
 
 PROMPT = "a photo of sks stuffed animal"
 
@@ -30,19 +31,9 @@ def ti_run(dataset_dir, builtin_model, tmp_path_factory):
     return result.run_dir
 
 
-def test_only_the_new_row_trains(dataset_dir, builtin_model, tmp_path, monkeypatch):
-    seen = {}
-    real_load = models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"] = pipe
-        seen["before"] = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()}
-                          for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    monkeypatch.setattr(models, "load_pipeline", spy)
-    assert train.run(config(dataset_dir, steps=3), tmp_path / "run").status == "completed"
+def test_only_the_new_row_trains(dataset_dir, builtin_model, tmp_path):
+    with loaded_pipeline() as seen:
+        assert train.run(config(dataset_dir, steps=3), tmp_path / "run").status == "completed"
     pipe, before = seen["pipe"], seen["before"]
     for name in ("unet", "vae"):
         after = getattr(pipe, name).state_dict()

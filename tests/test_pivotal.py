@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from studio import models, train
+from studio import train
 from studio.adapters import checks, embedding, lora
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LORA_WEIGHTS
+from tests.helpers import loaded_pipeline
 
 PROMPT = "a photo of sks stuffed animal"
 
@@ -23,21 +24,8 @@ def config(dataset_dir, **values):
 
 @pytest.fixture(scope="module")
 def pivotal_run(dataset_dir, builtin_model, tmp_path_factory):
-    seen = {}
-    real_load = models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"] = pipe
-        seen["before"] = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()}
-                          for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    models.load_pipeline = spy
-    try:
+    with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir), tmp_path_factory.mktemp("pivotal") / "run")
-    finally:
-        models.load_pipeline = real_load
     assert result.status == "completed", result.message
     return result.run_dir, seen
 

@@ -13,7 +13,7 @@ from studio.config import build_config
 from studio.errors import StudioError
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LORA_WEIGHTS
-from tests.helpers import PROMPT, mean_diff, plain_pipeline, render, snapshot
+from tests.helpers import PROMPT, loaded_pipeline, mean_diff, plain_pipeline, render
 
 
 def config(dataset_dir, model="builtin", **values):
@@ -24,19 +24,8 @@ def config(dataset_dir, model="builtin", **values):
 
 @pytest.fixture(scope="module")
 def te_run(dataset_dir, builtin_model, tmp_path_factory):
-    seen = {}
-    real = models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real(*args, **kwargs)
-        seen["pipe"], seen["te"] = pipe, snapshot(pipe.text_encoder)
-        return pipe
-
-    models.load_pipeline = spy
-    try:
+    with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir), tmp_path_factory.mktemp("te") / "run")
-    finally:
-        models.load_pipeline = real
     assert result.status == "completed", result.message
     return result.run_dir, seen
 
@@ -45,8 +34,8 @@ def test_text_encoder_lora_trains_and_its_base_stays(te_run):
     _, seen = te_run
     te = seen["pipe"].text_encoder.state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in te.items() if "lora_" not in k}
-    assert base.keys() == seen["te"].keys()
-    assert all(torch.equal(base[k], v) for k, v in seen["te"].items())  # frozen weights, bit-identical
+    assert base.keys() == seen["before"]["text_encoder"].keys()
+    assert all(torch.equal(base[k], v) for k, v in seen["before"]["text_encoder"].items())  # frozen weights, bit-identical
     lora_b = [k for k in te if "lora_B" in k]
     assert len(lora_b) == 8 and all(torch.count_nonzero(te[k]) > 0 for k in lora_b)  # 2 layers x q,k,v,out
 
