@@ -15,7 +15,7 @@ from studio.adapters.checks import read_reports
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS
-from tests.helpers import mean_diff, plain_pipeline, render, snapshot
+from tests.helpers import loaded_pipeline, mean_diff, plain_pipeline, render, snapshot
 
 PROMPT = "a photo of sks stuffed animal"
 GEN_STEPS = 2
@@ -62,23 +62,14 @@ def base_image(builtin_model) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_only_adapter_weights_change(tmp_path, dataset_dir, builtin_model, monkeypatch, kind):
-    seen = {}
-    real_load, real_attach = models.load_pipeline, lycoris.attach
+    real_attach = lycoris.attach
+    with loaded_pipeline() as seen:
+        def attach_spy(pipe, cfg):
+            real_attach(pipe, cfg)
+            seen["init"] = {k: v for k, v in snapshot(pipe.unet).items() if is_adapter_key(k)}
 
-    def load_spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"] = pipe
-        seen["before"] = {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    def attach_spy(pipe, cfg):
-        real_attach(pipe, cfg)
-        seen["init"] = {k: v for k, v in snapshot(pipe.unet).items() if is_adapter_key(k)}
-
-    monkeypatch.setattr(models, "load_pipeline", load_spy)
-    monkeypatch.setattr(lycoris, "attach", attach_spy)
-
-    result = train.run(small_config(dataset_dir, kind, steps=4), tmp_path / "run")
+        monkeypatch.setattr(lycoris, "attach", attach_spy)
+        result = train.run(small_config(dataset_dir, kind, steps=4), tmp_path / "run")
 
     assert result.status == "completed", result.message
     pipe, before = seen["pipe"], seen["before"]

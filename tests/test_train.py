@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from studio import adapters, events, models, train
+from studio import adapters, events, train
 from studio.adapters import lora
 from studio.config import TrainConfig, build_config, load_run_config
 from studio.errors import StudioError
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import LORA_WEIGHTS, RunPaths
-from tests.helpers import plain_pipeline, snapshot
+from tests.helpers import loaded_pipeline, plain_pipeline, snapshot
 
 GEN_STEPS = 3
 PROMPT = "a photo of sks stuffed animal"
@@ -41,23 +41,14 @@ def file_hash(path: Path) -> str:
 @pytest.mark.parametrize("method, extra", [("lora", {}), ("dora", {}), ("lora", {"locon": True})],
                          ids=["lora", "dora", "lora-locon"])
 def test_only_lora_weights_change(tmp_path, dataset_dir, builtin_model, monkeypatch, method, extra):
-    seen = {}
-    real_load, real_attach = models.load_pipeline, lora.attach
+    real_attach = lora.attach
+    with loaded_pipeline() as seen:
+        def attach_spy(pipe, cfg):
+            real_attach(pipe, cfg)
+            seen["lora_init"] = {k: v for k, v in snapshot(pipe.unet).items() if "lora_" in k}
 
-    def load_spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"] = pipe
-        seen["before"] = {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    def attach_spy(pipe, cfg):
-        real_attach(pipe, cfg)
-        seen["lora_init"] = {k: v for k, v in snapshot(pipe.unet).items() if "lora_" in k}
-
-    monkeypatch.setattr(models, "load_pipeline", load_spy)
-    monkeypatch.setattr(lora, "attach", attach_spy)
-
-    result = train.run(small_config(dataset_dir, steps=5, method=method, **extra), tmp_path / "run")
+        monkeypatch.setattr(lora, "attach", attach_spy)
+        result = train.run(small_config(dataset_dir, steps=5, method=method, **extra), tmp_path / "run")
 
     assert result.status == "completed", result.message
     pipe, before = seen["pipe"], seen["before"]
