@@ -36,11 +36,11 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def loaded_pipeline():
+def loaded_pipeline(components: tuple[str, ...] = ("unet", "vae", "text_encoder")):
     """Record the pipeline a training run loads, and its weights as loaded (before any adapter).
 
     Yields a dict that holds, once the run has loaded its model, "pipe" (the live pipeline, trained
-    in place) and "before" ({component: state dict} for unet, vae and text_encoder).
+    in place) and "before" ({component: state dict} for each of `components`).
     """
     from studio import models
 
@@ -49,7 +49,7 @@ def loaded_pipeline():
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
         seen["pipe"] = pipe
-        seen["before"] = {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+        seen["before"] = {n: snapshot(getattr(pipe, n)) for n in components}
         return pipe
 
     models.load_pipeline = spy

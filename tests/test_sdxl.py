@@ -17,6 +17,7 @@ from studio.adapters import checks, embedding, lycoris
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
 from studio.paths import RunPaths
+from tests.helpers import loaded_pipeline
 
 PROMPT = "a photo of sks stuffed animal"
 GEN_STEPS = 2
@@ -71,22 +72,12 @@ def sdxl_model() -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dataset_dir, sdxl_model):
     """kind -> (run folder, training pipeline with adapter 'default' attached, weights before training)."""
-    seen, runs = {}, {}
-    real_load = models.load_pipeline
-
-    def load_spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet",) + FROZEN}
-        return pipe
-
-    models.load_pipeline = load_spy
-    try:
-        for kind in KINDS:
+    runs = {}
+    for kind in KINDS:
+        with loaded_pipeline(("unet",) + FROZEN) as seen:
             result = train.run(config(dataset_dir, method=kind), tmp_path_factory.mktemp(f"xl-{kind}") / "run")
-            assert result.status == "completed", result.message
-            runs[kind] = (result.run_dir, seen.pop("pipe"), seen.pop("before"))
-    finally:
-        models.load_pipeline = real_load
+        assert result.status == "completed", result.message
+        runs[kind] = (result.run_dir, seen["pipe"], seen["before"])
     return runs
 
 
@@ -216,20 +207,9 @@ def test_resume_continues_the_exact_loss_series(trained, dataset_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def ti(dataset_dir, sdxl_model, tmp_path_factory):
-    seen = {}
-    real_load = models.load_pipeline
-
-    def load_spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet",) + FROZEN}
-        return pipe
-
-    models.load_pipeline = load_spy
-    try:
+    with loaded_pipeline(("unet",) + FROZEN) as seen:
         result = train.run(config(dataset_dir, method="embedding", learning_rate=5e-2),
                            tmp_path_factory.mktemp("xl-ti") / "run")
-    finally:
-        models.load_pipeline = real_load
     assert result.status == "completed", result.message
     return result.run_dir, seen["pipe"], seen["before"]
 

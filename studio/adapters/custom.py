@@ -59,37 +59,7 @@ def attach(pipe, cfg) -> None:
         weight.requires_grad_(True)
     concepts = _concepts(cfg)
     for tokenizer, encoder in embedding._pairs(pipe):
-        _add_tokens(tokenizer, encoder, concepts)
-
-
-def _add_tokens(tokenizer, encoder, concepts: list[tuple[str, str]]) -> None:
-    """Add each token as a new row started from its word's row; one gradient mask lets only the new rows train.
-
-    (embedding._add_token masks per token; two such hooks would multiply to a zero gradient.)
-    """
-    import torch
-
-    ids = []
-    for token, init in concepts:
-        init_ids = tokenizer.encode(init, add_special_tokens=False)
-        if len(init_ids) != 1:
-            raise StudioError(f"The class word '{init}' of concept '{token}' is {len(init_ids)} tokens; end the class "
-                              "word with a word that is one token, e.g. 'toy' or 'dog'.")
-        if token in tokenizer.get_vocab() or token in tokenizer.all_special_tokens or not tokenizer.add_tokens(token):
-            raise StudioError(f"The trigger word '{token}' is already a token of this model; choose a rare "
-                              "made-up word such as 'sks'.")
-        ids.append((tokenizer.convert_tokens_to_ids(token), init_ids[0]))
-    encoder.resize_token_embeddings(len(tokenizer))
-    encoder.requires_grad_(False)
-    weight = encoder.get_input_embeddings().weight
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        for token_id, init_id in ids:
-            weight[token_id] = weight[init_id].clone()
-            mask[token_id] = 1
-    weight.requires_grad_(True)
-    weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
-    encoder._studio_tokens = [(token, token_id) for (token, _), (token_id, _) in zip(concepts, ids)]
+        encoder._studio_tokens = embedding.add_tokens(tokenizer, encoder, concepts)
 
 
 def trainable_parameters(pipe) -> list:

@@ -46,33 +46,41 @@ def attach(pipe, cfg) -> None:
     init = (cfg.initializer_token or spec.class_word.split()[-1]).strip()
     pipe.unet.requires_grad_(False)
     for tokenizer, encoder in _pairs(pipe):
-        _add_token(tokenizer, encoder, spec.token, init)
+        (encoder._studio_token,) = add_tokens(tokenizer, encoder, [(spec.token, init)])
 
 
-def _add_token(tokenizer, encoder, token: str, init: str) -> None:
-    """Add `token` as a new row of `encoder`, starting from `init`'s row; only that row gets gradients."""
+def add_tokens(tokenizer, encoder, concepts: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    """Add each (token, initializer word) as a new row of `encoder`, started from the word's row.
+
+    One gradient mask covers every new row, so only they train (one hook per token would multiply
+    the masks to a zero gradient). Returns (token, token id) in the order given.
+    """
     import torch
 
-    init_ids = tokenizer.encode(init, add_special_tokens=False)
-    if len(init_ids) != 1:
-        raise StudioError(f"The initializer word '{init}' is {len(init_ids)} tokens; choose a word that is one "
-                          "token, e.g. 'toy' or 'dog' (setting 'initializer_token').")
-    # A word the tokenizer already has (a special token, or a piece such as 'photo') would take over
-    # every caption that uses it; 'sks' is only known as 'sks</w>', so it is free.
-    if token in tokenizer.get_vocab() or token in tokenizer.all_special_tokens or not tokenizer.add_tokens(token):
-        raise StudioError(f"The trigger word '{token}' is already a token of this model; choose a rare "
-                          "made-up word such as 'sks'.")
-    token_id = tokenizer.convert_tokens_to_ids(token)
+    ids = []
+    for token, init in concepts:
+        init_ids = tokenizer.encode(init, add_special_tokens=False)
+        if len(init_ids) != 1:
+            raise StudioError(f"The initializer word '{init}' of '{token}' is {len(init_ids)} tokens; choose a word "
+                              "that is one token, e.g. 'toy' or 'dog' (setting 'initializer_token', or the class "
+                              "word's last word).")
+        # A word the tokenizer already has (a special token, or a piece such as 'photo') would take over
+        # every caption that uses it; 'sks' is only known as 'sks</w>', so it is free.
+        if token in tokenizer.get_vocab() or token in tokenizer.all_special_tokens or not tokenizer.add_tokens(token):
+            raise StudioError(f"The trigger word '{token}' is already a token of this model; choose a rare "
+                              "made-up word such as 'sks'.")
+        ids.append((token, tokenizer.convert_tokens_to_ids(token), init_ids[0]))
     encoder.resize_token_embeddings(len(tokenizer))
     encoder.requires_grad_(False)
     weight = encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[token_id] = weight[init_ids[0]].clone()
-    weight.requires_grad_(True)
     mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[token_id] = 1
+    with torch.no_grad():
+        for _, token_id, init_id in ids:
+            weight[token_id] = weight[init_id].clone()
+            mask[token_id] = 1
+    weight.requires_grad_(True)
     weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
-    encoder._studio_token = (token, token_id)
+    return [(token, token_id) for token, token_id, _ in ids]
 
 
 def trainable_parameters(pipe) -> list:
