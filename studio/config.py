@@ -51,8 +51,9 @@ class TrainConfig:
     alpha: float = _help("Adapter alpha; the update is scaled by alpha / rank.", 8.0)
     target_modules: list[str] = _help("UNet module names that get adapters (attention projections by default).",
                                       factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_text_encoder: bool = _help("LoRA/DoRA: also adapt the text encoder's attention (q, k, v, out); "
-                                     "learns how the trigger word is read, at more memory per step.", False)
+    train_text_encoder: bool = _help("LoRA/DoRA: also adapt the text encoder's attention (q, k, v, out); full "
+                                     "(DreamBooth): fine-tune the whole text encoder too. Learns how the trigger "
+                                     "word is read, at more memory per step.", False)
     locon: bool = _help("Also adapt the ResNet convolutions and feed-forward layers (LoCon), not only attention.", False)
     lokr_factor: int = _help("LoKr: factor of the Kronecker decomposition; -1 picks the most square split.", -1)
     min_snr_gamma: float = _help("Min-SNR loss weighting (Hang et al. 2023; 5 is their choice); 0 turns it off.", 0.0)

@@ -56,7 +56,9 @@ class _Frozen:
     class_text: torch.Tensor | None = None  # each class prompt's hidden states, (class words, tokens, dim)
     class_pooled: torch.Tensor | None = None  # SDXL: each class prompt's pooled embedding, (class words, dim)
     class_of: torch.Tensor | None = None  # class image -> row of class_text
+    class_ids: tuple[torch.Tensor, ...] | None = None  # class prompts as ids, when text is encoded every step
     captions: list[str] | None = None
+    class_prompts: list[str] | None = None
     token_ids: tuple[torch.Tensor, ...] | None = None  # captions as ids per tokenizer, when text is encoded every step
     n_images: int = 0
 
@@ -71,9 +73,9 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
-    if cfg.train_text_encoder and cfg.method not in ("lora", "dora"):
-        raise StudioError(f"Setting 'train_text_encoder' works with the lora and dora methods, not '{cfg.method}'; "
-                          "turn it off or choose lora or dora.")
+    if cfg.train_text_encoder and cfg.method not in TEXT_ENCODER_METHODS:
+        raise StudioError(f"Setting 'train_text_encoder' works with the lora, dora and full methods, not "
+                          f"'{cfg.method}'; turn it off or choose one of those.")
     w = distributed.world()
     if cfg.batch_size % w.size:
         raise StudioError(f"Setting 'batch_size' ({cfg.batch_size}) is the global batch and must be a multiple of "
@@ -83,6 +85,9 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
                               "extra_datasets": [str(Path(d).resolve()) for d in cfg.extra_datasets],
                               "resolution": cfg.resolution or spec.resolution})
     return resolved, spec, ref
+
+
+TEXT_ENCODER_METHODS = ("lora", "dora", "full")  # methods with a `train_text_encoder` option
 
 
 def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
@@ -191,6 +196,9 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     if getattr(adapter, "TRAINS_TEXT", False) or cfg.train_text_encoder:  # the captions' encoding changes
         frozen.text, frozen.pooled = None, None
         frozen.token_ids = tokenize_all(pipe, frozen.captions, device)
+        if cfg.train_text_encoder and frozen.class_text is not None:  # so do the class prompts' (new rows of
+            # textual inversion are not in them): the prior term then reaches the encoder's weights too
+            frozen.class_ids = tokenize_all(pipe, frozen.class_prompts, device)
     params = adapter.trainable_parameters(pipe)
     for p in params:  # trainable weights stay float32 under mixed precision
         p.data = p.data.float()
@@ -286,6 +294,7 @@ def _cache_class(pipe, frozen: _Frozen, cfg, specs: list[DatasetSpec], device, d
     posterior = pipe.vae.encode(load_pixels(files, cfg.resolution).to(device, dtype)).latent_dist
     frozen.class_mean, frozen.class_std = posterior.mean.float(), posterior.std.float()
     prompts = [render(cfg.class_prompt, "", w) for w in words]
+    frozen.class_prompts = prompts
     frozen.class_text, frozen.class_pooled = encode_text(pipe, tokenize_all(pipe, prompts, device))
     frozen.class_of = torch.tensor(of)
 
@@ -416,9 +425,13 @@ class _Stepper:
                 text, pooled = encode_text(self.pipe, tuple(ids[index] for ids in f.token_ids))
             if with_prior:
                 rows = f.class_of[picks[mine]].to(f.class_text.device)
-                text = torch.cat([text, f.class_text[rows].to(text.dtype)])
+                if f.class_ids is not None:  # the trained encoder reads the class prompts as it is now
+                    class_text, class_pooled = encode_text(self.pipe, tuple(ids[rows] for ids in f.class_ids))
+                else:
+                    class_text, class_pooled = f.class_text[rows], None if f.class_pooled is None else f.class_pooled[rows]
+                text = torch.cat([text, class_text.to(text.dtype)])
                 if pooled is not None:
-                    pooled = torch.cat([pooled, f.class_pooled[rows].to(pooled.dtype)])
+                    pooled = torch.cat([pooled, class_pooled.to(pooled.dtype)])
             pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text,
                              **unet_kwargs(pooled, cfg.resolution)).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None

@@ -204,3 +204,91 @@ def test_no_single_file_for_a_layout_it_does_not_know(tmp_path):
     [report] = full.export(tmp_path, SimpleNamespace(unet=SimpleNamespace(config=config), text_encoder_2=None))
     assert not report.ok and "SD 2.x" in report.note
     assert not (tmp_path / full.SINGLE_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- text encoder (DreamBooth option)
+
+@pytest.fixture(scope="module")
+def te_run(dataset_dir, builtin_model, tmp_path_factory):
+    """DreamBooth with the text encoder: full UNet + text encoder, prior preservation, 3 steps."""
+    seen, real_load = {}, models.load_pipeline
+
+    def spy(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
+        return pipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_pipeline", spy)
+        result = train.run(config(dataset_dir, train_text_encoder=True, prior_preservation=True,
+                                  num_class_images=2, class_image_steps=2), tmp_path_factory.mktemp("te") / "run")
+    assert result.status == "completed", result.message
+    return result.run_dir, seen["pipe"], seen["before"]
+
+
+def test_text_encoder_trains_with_the_unet_and_the_vae_stays(te_run):
+    _, pipe, before = te_run
+    for name in ("unet", "text_encoder"):
+        assert all(p.requires_grad for p in getattr(pipe, name).parameters()), name
+        after = getattr(pipe, name).state_dict()
+        changed = {k for k, v in before[name].items() if not torch.equal(after[k], v)}
+        assert changed == set(before[name]), (name, sorted(set(before[name]) - changed)[:5])
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    after = pipe.vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before["vae"].items())
+
+
+def test_trained_text_encoder_is_in_the_folder_and_the_single_file(te_run):
+    run_dir, pipe, before = te_run
+    adapter_dir = RunPaths(run_dir).adapter
+    saved = plain_pipeline(adapter_dir).text_encoder.state_dict()
+    trained = pipe.text_encoder.state_dict()
+    assert all(torch.equal(saved[k], trained[k]) for k in trained)
+    sd = load_file(str(adapter_dir / full.SINGLE_FILE))
+    key = "embeddings.token_embedding.weight"
+    stored = sd[full.TEXT_PREFIX + "text_model." + key] if full.TEXT_PREFIX + "text_model." + key in sd else None
+    trained_rows = trained.get(key, trained.get("text_model." + key))
+    assert stored is not None and torch.equal(stored, trained_rows)
+    assert not torch.equal(stored, before["text_encoder"].get(key, before["text_encoder"].get("text_model." + key)))
+    [report] = checks.read_reports(adapter_dir)
+    assert report.ok, report.summary()
+
+
+def test_resume_restores_the_text_encoder_too(te_run, tmp_path):
+    run_dir, pipe, _ = te_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "adapter")
+    shutil.rmtree(RunPaths(copy).checkpoint(STEPS))
+    assert any(k.startswith("text_encoder.") for k in load_file(str(RunPaths(copy).checkpoint(2) / "trainable.safetensors")))
+    result = train.resume(copy)
+    assert result.status == "completed" and result.step == STEPS, result.message
+    resumed = plain_pipeline(result.adapter_dir)
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(resumed, name).state_dict(), getattr(pipe, name).state_dict()
+        assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-6, name
+
+
+def test_prior_term_reaches_a_trained_text_encoder(dataset_dir, builtin_model, tmp_path):
+    """With the text encoder training, class prompts are encoded by it every step, so the prior-preservation
+    term has a gradient on the encoder; with a frozen encoder there is nothing for it to reach."""
+    cfg, spec, ref = train.prepare(config(dataset_dir, train_text_encoder=True, prior_preservation=True,
+                                          num_class_images=2, class_image_steps=2), tmp_path / "run")
+    pipe = models.load_pipeline(ref)
+    data = [train.ConceptDataset(dataset_dir, cfg.resolution)]
+    frozen = train._cache_frozen(pipe, data, "cpu", torch.float32, False)
+    train._cache_class(pipe, frozen, cfg, [spec], "cpu", torch.float32, lambda e: None, lambda: False)
+    full.attach(pipe, cfg)
+    frozen.text, frozen.pooled = None, None
+    frozen.token_ids = train.tokenize_all(pipe, frozen.captions, "cpu")
+    frozen.class_ids = train.tokenize_all(pipe, frozen.class_prompts, "cpu")
+    encoder = list(pipe.text_encoder.parameters())
+
+    def encoder_grad(prior_weight: float) -> torch.Tensor:
+        stepper = train._Stepper(pipe, frozen, build_config(values={**cfg.to_dict(), "prior_loss_weight": prior_weight}),
+                                 "cpu", torch.float32, None, None, [])
+        loss = stepper._loss(torch.tensor([0, 1]), torch.Generator().manual_seed(3))
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, encoder, allow_unused=True) if g is not None])
+
+    class_term = encoder_grad(1.0) - encoder_grad(0.0)
+    assert float(class_term.abs().max()) > 0

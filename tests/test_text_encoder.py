@@ -87,5 +87,5 @@ def test_sdxl_uses_te1_and_te2_keys(dataset_dir, tmp_path):
 
 
 def test_other_methods_refuse_the_option(dataset_dir, tmp_path):
-    with pytest.raises(StudioError, match="'train_text_encoder' works with the lora and dora methods"):
+    with pytest.raises(StudioError, match="'train_text_encoder' works with the lora, dora and full methods"):
         train.prepare(config(dataset_dir, method="loha"), tmp_path / "run")

@@ -1,4 +1,5 @@
-"""Full fine-tuning (DreamBooth, Ruiz et al. 2023): every UNet weight trains; VAE and text encoder stay frozen.
+"""Full fine-tuning (DreamBooth, Ruiz et al. 2023): every UNet weight trains, and with `train_text_encoder`
+every weight of the text encoder(s) too; the VAE stays frozen.
 
 The result is a model, not an adapter: `save` writes a complete diffusers folder, which is used by
 naming it as the base model (`--model RUN/adapter`). `export` adds `model.safetensors`, the same model
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from studio.adapters.lora import ldm_module_name
+from studio.adapters.lora import ldm_module_name, text_encoders
 from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
@@ -32,14 +33,17 @@ UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_mo
 
 
 def attach(pipe, cfg) -> None:
-    """Make the whole UNet trainable; VAE and text encoder are frozen (their outputs are cached)."""
+    """Make the whole UNet trainable, and the text encoder(s) when `train_text_encoder` is set (their
+    outputs are then computed every step); the VAE is frozen (its posteriors are cached)."""
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for _, encoder in text_encoders(pipe):
+        encoder.requires_grad_(bool(getattr(cfg, "train_text_encoder", False)))
     pipe.unet.requires_grad_(True)
 
 
 def trainable_parameters(pipe) -> list:
-    return list(pipe.unet.parameters())
+    modules = [pipe.unet] + [encoder for _, encoder in text_encoders(pipe)]
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
 def save(pipe, out_dir: Path) -> Path:

@@ -16,7 +16,7 @@ FORM = {
     "checkpoint_every": "Checkpoint every N steps",
 }
 MORE = {
-    "locon": "LoCon: adapt convolutions too", "train_text_encoder": "Train the text encoder too (LoRA/DoRA)", "lokr_factor": "LoKr factor", "lr_schedule": "LR schedule",
+    "locon": "LoCon: adapt convolutions too", "train_text_encoder": "Train the text encoder too (LoRA/DoRA/full)", "lokr_factor": "LoKr factor", "lr_schedule": "LR schedule",
     "lr_warmup_steps": "Warm-up steps", "min_snr_gamma": "Min-SNR gamma", "noise_offset": "Noise offset",
     "gradient_accumulation_steps": "Gradient accumulation", "gradient_checkpointing": "Gradient checkpointing",
     "flip_p": "Horizontal flip probability", "repeats": "Repeats per image", "optimizer": "Optimizer",
