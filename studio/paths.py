@@ -1,7 +1,7 @@
 """Workspace: the only module that knows the folder layout and file names.
 
     workspace/
-      datasets/<name>/   images/0001.png + 0001.txt, dataset.yaml
+      datasets/<name>/   images/0001.png + 0001.txt + metadata.jsonl, originals/0001.jpg, dataset.yaml
       runs/<run_id>/     config.yaml, events.jsonl, samples/, checkpoints/, adapter/, eval/
       evals/<name>/      results.csv of evaluations that span several runs
 """
@@ -26,6 +26,7 @@ PEFT_CONFIG = "adapter_config.json"
 LYCORIS_EXPORT = "lycoris.safetensors"  # LoHa / LoKr with kohya/LyCORIS key names
 RESULTS_CSV = "results.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+ORIGINAL_SUFFIXES = IMAGE_SUFFIXES + (".heic", ".heif")
 
 
 def staging(final: Path) -> Path:
@@ -75,6 +76,15 @@ class DatasetPaths:
 
     def caption(self, image: Path) -> Path:
         return image.with_suffix(".txt")
+
+    @property
+    def originals(self) -> Path:
+        return self.root / "originals"
+
+    def original(self, index: int, suffix: str) -> Path:
+        """The imported file, named by index (never by the uploaded name); an unknown suffix becomes '.img'."""
+        suffix = suffix.lower() if suffix.lower() in ORIGINAL_SUFFIXES else ".img"
+        return self.originals / f"{index:04d}{suffix}"
 
     def image_files(self) -> list[Path]:
         if not self.images.is_dir():

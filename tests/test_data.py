@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from studio.data.captions import render
-from studio.data.dataset import (ConceptDataset, Prepared, load_dataset, prep_folder, prepare_photos,
+from studio.data.dataset import (ConceptDataset, Prepared, PrepOptions, load_dataset, prep_folder, prepare_photos,
                                  save_dataset)
 from studio.data.images import center_crop_box, center_crop_resize, open_photo
 from studio.errors import StudioError
@@ -84,7 +84,7 @@ def test_dataset_import_orients_before_cropping(tmp_path, photos_dir, landscape)
     shutil.copy(photos_dir / "01.jpg", src / "01.jpg")
     save_with_orientation(landscape, src / "phone.jpg", 6)
 
-    spec, problems = prep_folder(src, tmp_path / "ds", "sks", "stuffed animal", 64)
+    spec, problems = prep_folder(src, tmp_path / "ds", "sks", "stuffed animal", 64, options=PrepOptions(crop="center"))
 
     assert problems == []
     item = next(i for i in spec.items if i.source == "phone.jpg")
