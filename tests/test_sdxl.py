@@ -312,6 +312,39 @@ def test_sdxl_kohya_export_uses_ldm_names_and_verifies(dataset_dir, tmp_path, me
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.") for k in keys)
 
 
+@pytest.mark.parametrize("method, extra", [("loha", {"locon": True}), ("lokr", {})], ids=["loha-locon", "lokr"])
+def test_sdxl_lycoris_export_uses_ldm_names_and_the_lycoris_loader_reproduces_it(dataset_dir, tmp_path, method, extra):
+    result = train.run(config(dataset_dir, method=method, steps=3, **extra), tmp_path / "run")
+    assert result.status == "completed", result.message
+    reports = checks.read_reports(result.run_dir / "adapter")
+    assert [r.format for r in reports] == ["lycoris"] and reports[0].ok, reports[0].summary()
+    assert reports[0].max_abs_diff is not None and reports[0].max_abs_diff < 1e-4
+    keys = load_file(str(result.run_dir / "adapter" / "lycoris.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert all("down_blocks" not in k and "up_blocks" not in k for k in keys)  # SDXL files: LDM layout
+    mark = ADAPTER_MARKS[method].strip(".")
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k." + mark) for k in keys)
+    if extra.get("locon"):  # ResNet convolutions under their LDM names
+        assert any("_in_layers_2." in k for k in keys) and any("_out_layers_3." in k for k in keys)
+
+
+def test_sdxl_lycoris_check_catches_a_wrong_weight(dataset_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    with loaded_pipeline() as seen:
+        result = train.run(config(dataset_dir, method="loha", steps=3), tmp_path / "run")
+    sd = load_file(str(result.run_dir / "adapter" / "lycoris.safetensors"))
+    key = next(k for k in sorted(sd) if k.endswith("hada_w2_a") and "input_blocks_4_1" in k)
+    sd[key] = sd[key] + 0.5
+    save_file(sd, str(tmp_path / "tampered.safetensors"))
+    report = lycoris.check_export(tmp_path / "tampered.safetensors", seen["pipe"])
+    assert not report.ok and report.max_abs_diff > report.tolerance, report.summary()
+    del sd[key]
+    save_file(sd, str(tmp_path / "missing.safetensors"))
+    report = lycoris.check_export(tmp_path / "missing.safetensors", seen["pipe"])
+    assert not report.ok and key in report.missing_keys
+
+
 def test_sdxl_kohya_file_loads_with_the_public_loader(dataset_dir, tmp_path):
     from studio.adapters import lora
 

@@ -6,7 +6,9 @@ plus `adapter_config.json`, loaded back with add_adapter + set_peft_model_state_
 lives in the UNet's peft_config like a LoRA, so `studio.adapters.set_scales` works for it unchanged.
 
 `export` also writes `lycoris.safetensors` with the kohya/LyCORIS key names AUTOMATIC1111 and
-ComfyUI read, and checks it by loading it with the `lycoris-lora` package onto a fresh UNet.
+ComfyUI read, and checks it by loading it with the `lycoris-lora` package onto a fresh UNet. Module
+names follow `lora.kohya_module_name`: diffusers' layout for SD 1.x/2.x, the LDM layout
+(`lora_unet_input_blocks_4_1_...`) for SDXL, as kohya's and LyCORIS's SDXL trainers write them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 import torch
 
 from studio.adapters.checks import ExportReport
+from studio.adapters.lora import _fixed_unet_input, kohya_module_name, ldm_module_name
 from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS, staging, swap_into_place
 
 KINDS = ("loha", "lokr")
 HAS_SCALE = True
+EXPORTS_SDXL = True  # SDXL files use LDM module names, checked through an LDM-named view of the UNet
 WEIGHTS = PEFT_WEIGHTS  # the file whose version the playground watches
 PARAM_PREFIXES = ("hada_", "lokr_")
-KOHYA_UNET_PREFIX = "lora_unet"
 
 
 def _config(cfg):
@@ -114,9 +117,10 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
 def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft LoHa/LoKr weights under LyCORIS/kohya names, with the `.alpha` each module needs.
 
-    Names: `lora_unet_` + the diffusers module path with '.' -> '_', which is what kohya's sd-scripts
-    and LyCORIS write for SD 1.x/2.x (their UNet uses diffusers' module names) and what A1111
-    (`convert_diffusers_name_to_compvis`) and ComfyUI map onto the LDM checkpoint. Parameter names
+    Names: `lora_unet_` + the module path with '.' -> '_'. For SD 1.x/2.x the path is diffusers' module
+    path, which is what kohya's sd-scripts and LyCORIS write (their SD 1.x UNet uses diffusers' names)
+    and what A1111 (`convert_diffusers_name_to_compvis`) and ComfyUI map onto the LDM checkpoint; for
+    SDXL it is the LDM path, because their SDXL UNet is the LDM one. Parameter names
     are the same in peft and LyCORIS (hada_w1_a ... , lokr_w1 / lokr_w1_a ...), and so are the
     products: LoHa dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r; LoKr dW = kron(w1, w2) * alpha / r.
     """
@@ -128,7 +132,7 @@ def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Ten
         modules.setdefault(path, {})[param] = value
     out = {}
     for path, params in modules.items():
-        name = f"{KOHYA_UNET_PREFIX}_{path.replace('.', '_')}"
+        name = kohya_module_name(path, unet)
         rank, alpha = _rank_alpha(config, path)
         if "lokr_w1" in params and "lokr_w2" in params:
             # LyCORIS ignores alpha when neither factor is low-rank (scale 1): fold peft's alpha / r in.
@@ -174,10 +178,13 @@ def check_export(path: Path, pipe) -> ExportReport:
     report.missing_keys = sorted(ours - set(weights))
     report.unexpected_keys = sorted(set(weights) - ours)
     reference = _base_unet_copy(pipe.unet)
+    # The loader finds modules by the names the file uses; on SDXL those are LDM names, which a diffusers
+    # UNet lacks, so it is given a view of the same layers under their LDM names.
+    named = _ldm_view(reference) if _is_sdxl(reference) else reference
     try:
         with _no_timestep_embedding_target():
-            network, _ = create_network_from_weights(1.0, str(path), None, None, reference, weights_sd=weights)
-        network.apply_to(None, reference, apply_text_encoder=False, apply_unet=True)
+            network, _ = create_network_from_weights(1.0, str(path), None, None, named, weights_sd=weights)
+        network.apply_to(None, named, apply_text_encoder=False, apply_unet=True)
     except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
         report.note = f"the LyCORIS loader could not read the file ({exc.__class__.__name__}: {exc})."
         return report
@@ -212,8 +219,34 @@ def _no_timestep_embedding_target():
 def _unloaded_modules(unet, network) -> list[str]:
     """Adapted modules of the studio's UNet that the loader built no LyCORIS module for."""
     built = {lora.lora_name for lora in network.unet_loras}
-    wanted = {f"{KOHYA_UNET_PREFIX}_{k.rsplit('.', 1)[0].replace('.', '_')}" for k in state_dict(unet)}
+    wanted = {kohya_module_name(k.rsplit(".", 1)[0], unet) for k in state_dict(unet)}
     return sorted(f"{name} (module)" for name in wanted - built)
+
+
+def _is_sdxl(unet) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def _ldm_view(unet) -> torch.nn.Module:
+    """A module tree holding the UNet's own Linear/Conv layers (the same objects, nothing copied) at
+    their LDM paths, e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`. An adapter the loader
+    attaches to a layer of the view acts when the UNet itself runs."""
+    root = torch.nn.Module()
+    for path, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        try:
+            ldm = ldm_module_name(path, unet.config)
+        except ValueError:  # a layer with no LDM name carries no weights in an SDXL file
+            continue
+        *parents, leaf = ldm.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.add_module(leaf, module)
+    return root
 
 
 def _base_unet_copy(unet):
@@ -229,16 +262,16 @@ def _base_unet_copy(unet):
 
 @torch.no_grad()
 def _compare(unet, reference) -> float:
-    config = unet.config
-    generator = torch.Generator().manual_seed(0)
-    size = config.sample_size
-    sample = torch.randn(1, config.in_channels, size, size, generator=generator)
-    text = torch.randn(1, 8, config.cross_attention_dim, generator=generator)
-    t = torch.tensor([500])
+    """The studio's UNet (adapter 'default', the only one, at its trained scale 1) against the loader's
+    on one fixed input (with SDXL's pooled text and size conditioning where the UNet takes them)."""
+    inputs = _fixed_unet_input(reference)
     was_training = unet.training
-    unet.eval()  # the training run's adapter 'default' is the only one, at its trained scale 1
-    dtype, device = unet.dtype, unet.device
-    studio = unet(sample.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype)).sample
+    unet.eval()
+    dtype = unet.dtype
+    cast = lambda v: v.to(unet.device, dtype if v.is_floating_point() else v.dtype)  # noqa: E731
+    studio_inputs = {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v))
+                     for k, v in inputs.items()}
+    studio = unet(**studio_inputs).sample
     unet.train(was_training)
-    theirs = reference(sample, t, encoder_hidden_states=text).sample
+    theirs = reference(**inputs).sample
     return float((studio.float().cpu() - theirs).abs().max())
