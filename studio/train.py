@@ -61,6 +61,23 @@ class _Frozen:
     class_prompts: list[str] | None = None
     token_ids: tuple[torch.Tensor, ...] | None = None  # captions as ids per tokenizer, when text is encoded every step
     n_images: int = 0
+    slots: torch.Tensor | None = None  # each image once per its own repeats (dataset.yaml), for batch_indices
+    groups: list | None = None  # aspect-ratio buckets: each image's latent (h, w); a micro-batch keeps to one
+
+
+class PerImage(list):
+    """Latents of images of different sizes (aspect-ratio buckets): item i is (views, C, h, w).
+    Indexed like the stacked tensor, [views, images] -> (batch, C, h, w), for images of one size."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self[0].shape[0], len(self)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            views, index = key
+            return torch.stack([list.__getitem__(self, int(i))[int(v)] for v, i in zip(views, index)])
+        return list.__getitem__(self, key)
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, models.ModelRef]:
@@ -68,7 +85,10 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if not cfg.dataset:
         raise StudioError("No dataset was chosen; prepare one in the Dataset tab or give --dataset.")
     spec = load_dataset(Path(cfg.dataset))
-    _check_extra(spec, cfg.extra_datasets)
+    specs = [spec, *_check_extra(spec, cfg.extra_datasets)]
+    if cfg.prior_preservation and any(s.buckets for s in specs):
+        raise StudioError("Aspect-ratio buckets cannot be combined with prior preservation yet (class images are "
+                          "square); re-export the dataset without buckets or turn prior preservation off.")
     ref = models.resolve(cfg.model)
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
@@ -269,14 +289,26 @@ def _optimizer(cfg: TrainConfig, params: list, device: str, weight_decay: float)
 def _cache_frozen(pipe, data: ConceptDataset | list[ConceptDataset], device: str, dtype, flips: bool) -> _Frozen:
     """Several datasets (concepts trained jointly) become one list of images and captions."""
     data = data if isinstance(data, list) else [data]
-    pixels = torch.cat([d.pixels for d in data])
+    images = [p for d in data for p in d.pixels]  # (3, h, w) each
     captions = [c for d in data for c in d.captions]
-    views = [pixels, pixels.flip(-1)] if flips else [pixels]
-    posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
+    if len({tuple(p.shape) for p in images}) == 1:
+        pixels = torch.stack(images)
+        views = [pixels, pixels.flip(-1)] if flips else [pixels]
+        posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
+        mean, std = torch.stack([p.mean.float() for p in posteriors]), torch.stack([p.std.float() for p in posteriors])
+        groups = None
+    else:  # aspect-ratio buckets: each image is encoded at its own size
+        mean, std = PerImage(), PerImage()
+        for p in images:
+            posterior = pipe.vae.encode(torch.stack([p, p.flip(-1)] if flips else [p]).to(device, dtype)).latent_dist
+            mean.append(posterior.mean.float())
+            std.append(posterior.std.float())
+        groups = [tuple(m.shape[-2:]) for m in mean]
     text, pooled = encode_text(pipe, tokenize_all(pipe, captions, device))
-    frozen = _Frozen(torch.stack([p.mean.float() for p in posteriors]),
-                     torch.stack([p.std.float() for p in posteriors]), text, pipe.vae.config.scaling_factor, pooled)
+    frozen = _Frozen(mean, std, text, pipe.vae.config.scaling_factor, pooled, groups=groups)
     frozen.captions, frozen.n_images = captions, len(captions)
+    repeats = [r for d in data for r in getattr(d, "repeats", [1] * len(d.captions))]
+    frozen.slots = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)])
     return frozen
 
 
@@ -331,27 +363,41 @@ def _encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
     return encode_text(pipe, tokenize_all(pipe, prompts, device))[0]
 
 
-def unet_kwargs(pooled: torch.Tensor | None, resolution: int) -> dict:
+def unet_kwargs(pooled: torch.Tensor | None, resolution: int | tuple[int, int]) -> dict:
     """The UNet's extra inputs: none for SD 1.x/2.x; for SDXL the pooled text and the micro-conditioning
     time ids (original size, crop top-left, target size; each (height, width) in pixels). The studio's
-    images are square crops already at the training resolution, so original = target and the crop is (0, 0).
+    images are crops already at their training size (a square, or a bucket's (height, width)), so
+    original = target and the crop is (0, 0).
     """
     if pooled is None:
         return {}
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    ids = torch.tensor([h, w, 0, 0, h, w], dtype=pooled.dtype,
                        device=pooled.device)
     return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.expand(len(pooled), -1)}}
 
 
-def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int) -> torch.Tensor:
-    """Images of one micro-batch: shuffled epochs of n_images x repeats, a pure function of the step."""
-    per_epoch = n_images * cfg.repeats
+def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int, slots: torch.Tensor | None = None,
+                  groups: list | None = None) -> torch.Tensor:
+    """Images of one micro-batch: shuffled epochs of n_images x repeats, a pure function of the step.
+
+    `slots` lists each image as often as its own repeats (per-image balancing from dataset.yaml);
+    with `groups` (each image's bucket), an image from another bucket than the micro-batch's first is
+    swapped for one drawn from the first's bucket, so the batch stacks.
+    """
+    slots = torch.arange(n_images) if slots is None else slots
+    per_epoch = len(slots) * cfg.repeats
     first = ((step - 1) * cfg.gradient_accumulation_steps + micro) * cfg.batch_size
     picks = []
     for position in range(first, first + cfg.batch_size):
         epoch, offset = divmod(position, per_epoch)
         order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        picks.append(int(order[offset]) % n_images)
+        picks.append(int(slots[int(order[offset]) % len(slots)]))
+    if groups is not None and len({groups[p] for p in picks}) > 1:
+        same = [i for i in range(n_images) if groups[i] == groups[picks[0]]]
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + first + 1)
+        picks = [p if groups[p] == groups[picks[0]] else same[int(torch.randint(len(same), (1,), generator=g))]
+                 for p in picks]
     return torch.tensor(picks)
 
 
@@ -377,7 +423,8 @@ class _Stepper:
         for micro in range(accumulate):
             # One CPU generator per (step, micro-batch): the same seed gives the same run on any device.
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + micro)
-            loss = self._loss(batch_indices(self.cfg, self.frozen.n_images, step, micro), g)
+            loss = self._loss(batch_indices(self.cfg, self.frozen.n_images, step, micro, self.frozen.slots,
+                                            self.frozen.groups), g)
             self.scaler.scale(loss / accumulate).backward()
             total += loss.item() / accumulate
         # Each rank's loss is the mean over its equal share of the global batch, so the mean of the
@@ -433,7 +480,7 @@ class _Stepper:
                 if pooled is not None:
                     pooled = torch.cat([pooled, class_pooled.to(pooled.dtype)])
             pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text,
-                             **unet_kwargs(pooled, cfg.resolution)).sample
+                             **unet_kwargs(pooled, tuple(s * self.pipe.vae_scale_factor for s in noisy.shape[-2:]))).sample
         weights = min_snr_weights(self.noise_scheduler, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
         target = diffusion_target(self.noise_scheduler, latents, noise, t)
         if with_prior:
