@@ -7,6 +7,7 @@ palette, grayscale, CMYK and 16-bit images become 8-bit RGB.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,8 @@ def open_photo(path: Path, display_name: str | None = None, min_side: int = MIN_
             raise StudioError(f"'{name}' is a HEIC photo and reading HEIC needs the pillow-heif package; "
                               "`pip install pillow-heif`, or export the photo as JPEG.")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
             if im.width * im.height > MAX_PIXELS:
                 raise _bomb(name, f"{im.width}×{im.height} pixels")
             im.seek(0)  # GIF, multi-page TIFF: the first frame
