@@ -1,0 +1,134 @@
+"""Train the pocket models from a seed and write them where the studio ships them.
+
+    python scripts/train_pocket.py --work /tmp/pocket-work                # all stages, resumable
+    python scripts/train_pocket.py --work /tmp/pocket-work --stage clip   # one stage
+    python scripts/train_pocket.py --work /tmp/pocket-work --stage write  # assets/pocket-sd, assets/pocket-clip
+    python scripts/train_pocket.py --demo                                 # assets/demo-concept/*.png
+
+Stages run in order clip -> vae -> unet (the UNet needs the CLIP text tower and the VAE); clip and
+vae are independent and may run at the same time in two processes. A stage that was interrupted
+continues from its last checkpoint in --work when started again; a finished stage is not rerun.
+Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ASSETS = REPO / "assets"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
+    parser.add_argument("--stage", choices=("clip", "vae", "unet", "write", "all"), default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    parser.add_argument("--pool", type=int, default=20000, help="training scenes the UNet stage encodes once")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="where pocket-sd/ and pocket-clip/ are written")
+    parser.add_argument("--demo", action="store_true", help="write the demo concept's images and stop")
+    args = parser.parse_args(argv)
+    if args.demo:
+        return write_demo(args.out / "demo-concept")
+
+    import torch
+
+    from studio.models import quiet_libraries
+    from studio.pocket import fit
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = fit.Log(args.work / f"{args.stage}.log")
+    stages = ("clip", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        globals()[f"stage_{stage}"](args, fit, log)
+    return 0
+
+
+def _schedule(fit, name: str, steps: int | None):
+    from dataclasses import replace
+
+    return replace(fit.STAGES[name], steps=steps) if steps else fit.STAGES[name]
+
+
+def _done(args, name: str) -> Path:
+    return args.work / f"{name}-final"
+
+
+def _record(args, name: str, stage, seconds: float) -> None:
+    (_done(args, name) / "trained.json").write_text(json.dumps(
+        {"steps": stage.steps, "batch": stage.batch, "lr": stage.lr, "seconds": round(seconds), "seed": args.seed,
+         "threads": args.threads}))
+
+
+def stage_clip(args, fit, log) -> None:
+    if (_done(args, "clip") / "trained.json").exists():
+        return log("clip: already trained")
+    stage = _schedule(fit, "clip", args.steps)
+    clip, seconds = fit.train_clip(args.work, stage, args.seed, log)
+    clip.save_pretrained(_done(args, "clip"), safe_serialization=True)
+    _record(args, "clip", stage, seconds)
+
+
+def stage_vae(args, fit, log) -> None:
+    if (_done(args, "vae") / "trained.json").exists():
+        return log("vae: already trained")
+    stage = _schedule(fit, "vae", args.steps)
+    vae, seconds = fit.train_vae(args.work, stage, args.seed, log)
+    vae.save_pretrained(_done(args, "vae"), safe_serialization=True)
+    _record(args, "vae", stage, seconds)
+
+
+def stage_unet(args, fit, log) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from studio.models import TOKENIZER_DIR
+
+    if (_done(args, "unet") / "trained.json").exists():
+        return log("unet: already trained")
+    vae = AutoencoderKL.from_pretrained(_done(args, "vae")).eval()
+    text_encoder = fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip")))
+    stage = _schedule(fit, "unet", args.steps)
+    unet, seconds = fit.train_unet(args.work, stage, args.seed, log, vae, text_encoder,
+                                   CLIPTokenizer.from_pretrained(TOKENIZER_DIR), pool_size=args.pool)
+    unet.save_pretrained(_done(args, "unet"), safe_serialization=True)
+    _record(args, "unet", stage, seconds)
+
+
+def stage_write(args, fit, log) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    from studio.pocket import POCKET_VERSION
+
+    trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in ("clip", "vae", "unet")}
+    info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
+    clip = CLIPModel.from_pretrained(_done(args, "clip"))
+    fit.write_clip(clip, args.out / "pocket-clip", info)
+    fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")), fit.text_encoder_from(clip),
+                       UNet2DConditionModel.from_pretrained(_done(args, "unet")), args.out / "pocket-sd", info)
+    log(f"wrote {args.out / 'pocket-sd'} and {args.out / 'pocket-clip'}")
+
+
+def write_demo(out: Path) -> int:
+    from studio.pocket.world import demo_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(demo_images()):
+        image.save(out / f"{i:02d}.png")
+    print(f"wrote {len(list(out.glob('*.png')))} images to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,335 @@
+"""Training the pocket models: CLIP (contrastive), then the VAE, then the UNet on frozen VAE latents and
+frozen CLIP text states, as Stable Diffusion was trained (Rombach et al. 2022, section 3).
+
+Every stage draws step `s` from a generator seeded by (seed, s), writes a checkpoint every
+`checkpoint_every` steps into its work folder, and resumes from the newest one, so a killed run
+continues where it stopped and ends with the same weights as an uninterrupted one (up to float
+non-associativity across thread counts). Progress goes to <work>/<stage>.log, one line per report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from studio.pocket import nets, world
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, as CLIPImageProcessor applies it
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Stage:
+    """One training stage's schedule."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 100
+    checkpoint_every: int = 200
+    log_every: int = 25
+
+
+STAGES = {
+    "clip": Stage(steps=2500, batch=128, lr=1e-3),
+    "vae": Stage(steps=1200, batch=16, lr=1e-3),
+    "unet": Stage(steps=3000, batch=32, lr=5e-4, warmup=200),
+}
+
+
+def cosine(stage: Stage):
+    def factor(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / stage.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - stage.warmup) / max(1, stage.steps - stage.warmup))))
+    return factor
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL images -> (n, 3, h, w) floats in [-1, 1], the VAE's input range."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pixels -> what CLIPImageProcessor produces for the same 64-px images."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(folder: Path, step: int, elapsed: float, modules: dict, optimizer) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # our own file, read back with weights_only
+    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed}))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)  # a checkpoint exists only once it is complete
+
+
+def _resume(folder: Path, modules: dict, optimizer) -> tuple[int, float]:
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").exists():
+        return 0, 0.0
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    state = json.loads((folder / "state.json").read_text())
+    return int(state["step"]), float(state["elapsed_s"])
+
+
+def _loop(name: str, stage: Stage, work: Path, modules: dict, params, step_fn, log: Log, seed: int) -> float:
+    """Run step_fn(step, generator-seed) from the last checkpoint to stage.steps; returns seconds trained."""
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(stage))
+    folder = work / f"{name}-checkpoint"
+    start, elapsed = _resume(folder, modules, optimizer)
+    for _ in range(start):
+        schedule.step()
+    if start:
+        log(f"{name}: resumed at step {start}")
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, stage.steps):
+        loss, extra = step_fn(step, seed * 1_000_003 + step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(step_fn, "after_step"):
+            step_fn.after_step(step)
+        done = step + 1
+        if done % stage.log_every == 0 or done == stage.steps:
+            log(f"{name}: step {done}/{stage.steps} loss {loss.item():.4f} {extra} "
+                f"({time.perf_counter() - t0:.0f} s)")
+        if done % stage.checkpoint_every == 0 or done == stage.steps:
+            _save_checkpoint(folder, done, time.perf_counter() - t0, modules, optimizer)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- CLIP
+
+class _Tokens:
+    """Token ids per caption, cached (the pocket world has a few thousand distinct captions)."""
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tokenizer, self.max_length, self.cache = tokenizer, max_length, {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True,
+                                 max_length=self.max_length or 77).input_ids
+            self.cache.update({t: torch.tensor(i) for t, i in zip(missing, ids)})
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def clip_batch(rng: random.Random, scenes: list, n: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """n images with a caption each (a quarter of them partial) and a hard negative each (one word wrong)."""
+    picked = [world.sample_scene(rng, scenes) for _ in range(n)]
+    pixels = to_pixels([world.render(s, rng) for s in picked])
+    captions, negatives = [], []
+    for s in picked:
+        prefix = rng.choice(world.PREFIXES)
+        captions.append(world.partial_caption(s, rng, 0.3) if rng.random() < 0.25 else s.caption(prefix))
+        negatives.append(world.hard_negative(s, rng).caption(prefix))
+    return pixels, captions, negatives
+
+
+def train_clip(work: Path, stage: Stage, seed: int, log: Log):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from studio.models import TOKENIZER_DIR
+
+    torch.manual_seed(seed)
+    model = CLIPModel(nets.clip_config()).train()
+    # Pocket captions are under 24 tokens; shorter rows train faster, and the pooled output reads the first EOS.
+    tokens = _Tokens(CLIPTokenizer.from_pretrained(TOKENIZER_DIR), max_length=24)
+    train_scenes, _ = world.split()
+
+    def step_fn(step: int, step_seed: int):
+        rng = random.Random(step_seed)
+        pixels, captions, negatives = clip_batch(rng, train_scenes, stage.batch)
+        ids = tokens(captions + negatives)
+        # No attention mask: CLIP's text attention is causal, so padding after the first EOS (where the
+        # pooled output is read) changes nothing before it, with or without a mask.
+        out = model(input_ids=ids, pixel_values=clip_pixels(pixels))
+        per_image = out.logits_per_image  # (n images, 2n captions): true captions, then hard negatives
+        target = torch.arange(len(pixels))
+        loss = (F.cross_entropy(per_image, target) + F.cross_entropy(per_image[:, : len(pixels)].T, target)) / 2
+        accuracy = (per_image.argmax(1) == target).float().mean().item()
+        return loss, f"acc {accuracy:.2f} scale {model.logit_scale.exp().item():.1f}"
+
+    seconds = _loop("clip", stage, work, {"clip": model}, list(model.parameters()), step_fn, log, seed)
+    return model.eval(), seconds
+
+
+# ---------------------------------------------------------------------------- VAE
+
+def train_vae(work: Path, stage: Stage, seed: int, log: Log):
+    torch.manual_seed(seed + 1)
+    vae = nets.new_vae().train()
+    train_scenes, _ = world.split()
+
+    def step_fn(step: int, step_seed: int):
+        rng = random.Random(step_seed)
+        pixels = to_pixels([world.render(world.sample_scene(rng, train_scenes), rng) for _ in range(stage.batch)])
+        posterior = vae.encode(pixels).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
+                                                         generator=torch.Generator().manual_seed(step_seed))
+        out = vae.decode(z).sample
+        # L1 keeps flat colours and edges sharp; the KL term only keeps latents near unit scale (SD uses 1e-6).
+        recon = F.l1_loss(out, pixels) + F.mse_loss(out, pixels)
+        loss = recon + 1e-6 * posterior.kl().mean()
+        return loss, f"mse {F.mse_loss(out, pixels).item():.5f}"
+
+    seconds = _loop("vae", stage, work, {"vae": vae}, list(vae.parameters()), step_fn, log, seed)
+    vae.eval()
+    with torch.no_grad():  # SD's scaling factor: 1 / std of latents, so the UNet sees unit-variance inputs
+        rng = random.Random(seed + 7)
+        pixels = to_pixels([world.render(world.sample_scene(rng, train_scenes), rng) for _ in range(512)])
+        std = vae.encode(pixels).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    log(f"vae: latent std {std:.4f}, scaling factor {vae.config.scaling_factor}")
+    return vae, seconds
+
+
+# ---------------------------------------------------------------------------- UNet
+
+def text_encoder_from(clip):
+    """The CLIP model's text tower as a CLIPTextModel (what a Stable Diffusion pipeline holds)."""
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5 holds the layers on the CLIPTextModel itself; 4.x under .text_model
+    getattr(encoder, "text_model", encoder).load_state_dict(clip.text_model.state_dict())
+    return encoder.eval()
+
+
+@torch.no_grad()
+def latent_pool(vae, scenes: list, n: int, seed: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """n rendered training scenes and their VAE posteriors (mean, std), encoded once."""
+    rng = random.Random(seed)
+    picked = [world.sample_scene(rng, scenes) for _ in range(n)]
+    means, stds = [], []
+    for i in range(0, n, 256):
+        post = vae.encode(to_pixels([world.render(s, rng) for s in picked[i:i + 256]])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return picked, torch.cat(means), torch.cat(stds)
+
+
+def unet_caption(scene, rng: random.Random) -> str:
+    """One in ten captions is empty (the unconditional half of classifier-free guidance, Ho & Salimans
+    2022); the rest name each attribute with probability 0.7."""
+    return "" if rng.random() < 0.1 else world.partial_caption(scene, rng, 0.3)
+
+
+def train_unet(work: Path, stage: Stage, seed: int, log: Log, vae, text_encoder, tokenizer, pool_size: int = 20000):
+    from diffusers import DDPMScheduler
+
+    from studio.objectives import diffusion_target, instance_loss, min_snr_weights
+
+    torch.manual_seed(seed + 2)
+    unet = nets.new_unet().train()
+    ema = nets.new_unet().eval()
+    ema.load_state_dict(unet.state_dict())
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(nets.new_scheduler().config)
+    train_scenes, _ = world.split()
+    t0 = time.perf_counter()
+    scenes, means, stds = latent_pool(vae, train_scenes, pool_size, seed + 3)
+    log(f"unet: encoded {pool_size} scenes in {time.perf_counter() - t0:.0f} s")
+    tokens = _Tokens(tokenizer)
+    scaling = vae.config.scaling_factor
+
+    def step_fn(step: int, step_seed: int):
+        rng = random.Random(step_seed)
+        g = torch.Generator().manual_seed(step_seed)
+        index = torch.randint(0, len(scenes), (stage.batch,), generator=g)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g)) * scaling
+        with torch.no_grad():
+            text = text_encoder(tokens([unet_caption(scenes[int(i)], rng) for i in index]))[0]
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (stage.batch,), generator=g)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        weights = min_snr_weights(noise_scheduler, t, 5.0)  # Min-SNR-5 (Hang et al. 2023): faster convergence
+        return instance_loss(pred, diffusion_target(noise_scheduler, latents, noise, t), weights), ""
+
+    def after_step(step: int) -> None:
+        decay = min(0.999, (1 + step) / (10 + step))  # EMA with warm-up; the shipped weights are the average
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+
+    step_fn.after_step = after_step
+    seconds = _loop("unet", stage, work, {"unet": unet, "ema": ema}, list(unet.parameters()), step_fn, log, seed)
+    return ema, seconds
+
+
+# ---------------------------------------------------------------------------- writing the shipped folders
+
+MARKER = "studio_builtin.json"
+
+
+def write_clip(clip, out: Path, info: dict) -> Path:
+    """A CLIPModel folder (fp16 safetensors) with its tokenizer and image processor."""
+    from transformers import CLIPTokenizer
+
+    from studio.models import TOKENIZER_DIR
+
+    out.mkdir(parents=True, exist_ok=True)
+    clip.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    clip.float()
+    CLIPTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(out)
+    nets.image_processor().save_pretrained(out)
+    (out / MARKER).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def write_pipeline(vae, text_encoder, unet, out: Path, info: dict) -> Path:
+    """A StableDiffusionPipeline folder (fp16 safetensors) that from_pretrained loads like any SD 1.x model."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from studio.models import TOKENIZER_DIR
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+                                   unet=unet, scheduler=nets.new_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+    (out / MARKER).write_text(json.dumps(info, indent=1))
+    return out
