@@ -294,6 +294,39 @@ def test_full_fine_tune_on_sdxl_is_a_loadable_model(dataset_dir, tmp_path):
     assert (checkpoint / "trainable.safetensors").exists() and not (checkpoint / "unet").exists()
 
 
+def test_sdxl_dreambooth_with_both_text_encoders_writes_a_verified_single_file(dataset_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from studio.adapters import full
+
+    with loaded_pipeline(("unet", "vae", "text_encoder", "text_encoder_2")) as seen:
+        result = train.run(config(dataset_dir, method="full", learning_rate=1e-3, steps=2, checkpoint_every=0,
+                                  train_text_encoder=True), tmp_path / "run")
+    assert result.status == "completed", result.message
+    pipe, before = seen["pipe"], seen["before"]
+    for name in ("text_encoder", "text_encoder_2"):  # both encoders trained
+        after = getattr(pipe, name).state_dict()
+        assert not all(torch.equal(after[k], v) for k, v in before[name].items()), name
+    [report] = checks.read_reports(result.adapter_dir)
+    assert report.format == "sd-single-file" and report.ok, report.summary()
+    sd = load_file(str(result.adapter_dir / full.SINGLE_FILE))
+    assert {k.split(".")[0] for k in sd} == {"model", "first_stage_model", "conditioner"}
+    te2 = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder_2.state_dict().items()}
+    qkv = sd["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    assert torch.equal(qkv, torch.cat([te2[f"encoder.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(sd["conditioner.embedders.1.model.text_projection"], te2["text_projection.weight"].T)
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in sd
+    assert torch.equal(sd["model.diffusion_model.label_emb.0.0.weight"], pipe.unet.add_embedding.linear_1.weight)
+    # a wrong OpenCLIP weight is caught by comparing outputs: swap k and v in one layer
+    swapped = qkv.clone()
+    third = qkv.shape[0] // 3
+    swapped[third:2 * third], swapped[2 * third:] = qkv[2 * third:], qkv[third:2 * third]
+    sd["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"] = swapped
+    save_file(sd, str(tmp_path / "swapped.safetensors"))
+    bad = full.check_single_file(tmp_path / "swapped.safetensors", pipe, config_dir=result.adapter_dir)
+    assert not bad.ok and bad.max_abs_diff > bad.tolerance
+
+
 # ----------------------------------------------------------------------------- kohya export on SDXL
 
 @pytest.mark.parametrize("method, extra", [("lora", {"locon": True}), ("dora", {})], ids=["lora-locon", "dora"])
@@ -364,6 +397,9 @@ def test_custom_diffusion_on_sdxl(dataset_dir, tmp_path):
     assert result.status == "completed", result.message
     kv = load_file(str(result.run_dir / "adapter" / "custom_kv.safetensors"))
     assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
+    reports = checks.read_reports(result.run_dir / "adapter")  # diffusers' load_attn_procs reads the export
+    assert [r.format for r in reports] == ["diffusers-custom-diffusion"] and reports[0].ok, reports[0].summary()
+    assert reports[0].max_abs_diff is not None
     rows = load_file(str(result.run_dir / "adapter" / "embeddings" / "sks.safetensors"))
     assert set(rows) == {"clip_l", "clip_g"}  # the token's row in both text encoders
     playground = Playground()

@@ -29,6 +29,7 @@ from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
 KINDS = ("custom",)
+EXPORTS_SDXL = True  # the K/V file is keyed by processor names, which are the same on SDXL
 HAS_SCALE = True  # through set_scale: W = W0 + s (W1 - W0), in place; the Playground calls it
 TRAINS_TEXT = True  # the new rows learn: captions are encoded every step
 # No weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py).
@@ -200,6 +201,7 @@ def check_diffusers_file(path: Path, pipe):
     from diffusers import UNet2DConditionModel
 
     from studio.adapters.checks import ExportReport
+    from studio.adapters.lora import _fixed_unet_input
 
     report = ExportReport(path.name, "diffusers-custom-diffusion", DIFFUSERS_LOADER)
     source = pipe.config._name_or_path
@@ -214,11 +216,7 @@ def check_diffusers_file(path: Path, pipe):
     except (ValueError, KeyError, RuntimeError) as exc:
         report.note = f"the loader refused it ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})."
         return report
-    c, g = fresh.config, torch.Generator().manual_seed(0)
-    device = pipe.unet.device
-    inputs = dict(sample=torch.randn(1, c.in_channels, c.sample_size, c.sample_size, generator=g).to(device),
-                  timestep=torch.tensor([500], device=device),
-                  encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, generator=g).to(device))
+    inputs = _fixed_unet_input(fresh)  # with SDXL's pooled text and size conditioning where it takes them
     if pipe.unet.dtype != torch.float32:
         report.note = "the trained UNet is not in full precision here, so outputs were not compared."
         return report

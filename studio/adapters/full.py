@@ -3,14 +3,22 @@ every weight of the text encoder(s) too; the VAE stays frozen.
 
 The result is a model, not an adapter: `save` writes a complete diffusers folder, which is used by
 naming it as the base model (`--model RUN/adapter`). `export` adds `model.safetensors`, the same model
-as one file in the original Stable Diffusion 1.x layout that AUTOMATIC1111 and ComfyUI load:
+as one file in the original layout that AUTOMATIC1111 and ComfyUI load. SD 1.x:
 
     model.diffusion_model.<LDM UNet name>             UNet (input_blocks / middle_block / output_blocks)
     first_stage_model.<LDM VAE name>                  VAE (encoder.down.<i>.block.<j>, mid.attn_1.q, ...)
     cond_stage_model.transformer.text_model.<name>    CLIP text encoder, transformers' own names
 
+SDXL (Stability's "sgm" layout): the same UNet and VAE names (plus `label_emb` for the pooled-text and
+size embedding), and the two text encoders as
+
+    conditioner.embedders.0.transformer.text_model.<name>   CLIP ViT-L, transformers' own names
+    conditioner.embedders.1.model.<OpenCLIP name>           OpenCLIP ViT-bigG: resblocks.<i>.attn.in_proj_*
+                                                            (q, k, v stacked), mlp.c_fc / c_proj, ln_1 / ln_2,
+                                                            positional_embedding, text_projection (transposed)
+
 The file is read back by diffusers' `from_single_file`, an independent implementation of the same
-layout, and its UNet, VAE decoder and text encoder are compared with the studio's on fixed inputs.
+layout, and its UNet, VAE decoder and text encoder(s) are compared with the studio's on fixed inputs.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ log = logging.getLogger(__name__)
 
 KINDS = ("full",)
 HAS_SCALE = False
+EXPORTS_SDXL = True  # the SDXL single file uses the sgm layout (conditioner.embedders.*)
 SAVES_MODEL = True  # checkpoints keep trainable.safetensors (the whole UNet) and no second model copy
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_LOADER = "diffusers from_single_file"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 
 def attach(pipe, cfg) -> None:
@@ -97,7 +107,7 @@ def vae_ldm_name(key: str, config) -> str:
 
 
 def single_file_state_dict(pipe) -> dict:
-    """UNet, VAE and text encoder of `pipe` under SD 1.x single-file key names, on the CPU."""
+    """UNet, VAE and text encoder(s) of `pipe` under single-file key names (SD 1.x or SDXL), on the CPU."""
     out = {}
     for key, value in pipe.unet.state_dict().items():
         module, _, param = key.rpartition(".")
@@ -107,10 +117,55 @@ def single_file_state_dict(pipe) -> dict:
         if ".mid.attn_1." in name and name.endswith("weight") and value.dim() == 2:
             value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         out[VAE_PREFIX + name] = value
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     for key, value in pipe.text_encoder.state_dict().items():
         # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the LDM file keeps the old names.
-        out[TEXT_PREFIX + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+        prefix = SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX
+        out[prefix + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    if sdxl:
+        out.update({SDXL_TEXT_2_PREFIX + k: v for k, v in open_clip_state_dict(pipe.text_encoder_2).items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+# transformers CLIP text layer -> OpenCLIP layer with the same weights (inside resblocks.<i>)
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_state_dict(encoder) -> dict:
+    """A transformers CLIPTextModelWithProjection's weights under OpenCLIP names (SDXL's second encoder).
+
+    q, k and v projections are stacked into one `in_proj_weight` / `in_proj_bias` (q first), and the
+    projection is stored as OpenCLIP's `text_projection` matrix (width x dim), the transpose of the
+    Linear weight. Raises ValueError for a weight this mapping does not place.
+    """
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out, placed = {}, set()
+    for key, name in _OPEN_CLIP_TOP.items():
+        out[name] = state[key]
+        placed.add(key)
+    if "text_projection.weight" in state:
+        out["text_projection"] = state["text_projection.weight"].T
+        placed.add("text_projection.weight")
+    for i in range(encoder.config.num_hidden_layers):
+        layer = f"encoder.layers.{i}."
+        block = f"transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            qkv = [f"{layer}self_attn.{p}_proj.{param}" for p in ("q", "k", "v")]
+            out[f"{block}attn.in_proj_{param}"] = torch.cat([state[k] for k in qkv])
+            placed.update(qkv)
+            for ours, theirs in _OPEN_CLIP_LAYER.items():
+                out[f"{block}{theirs}.{param}"] = state[f"{layer}{ours}.{param}"]
+                placed.add(f"{layer}{ours}.{param}")
+    left = sorted(set(state) - placed)
+    if left:
+        raise ValueError(f"text encoder weights with no OpenCLIP name: {', '.join(left[:5])}")
+    return out
 
 
 def export(adapter_dir: Path, pipe) -> list:
@@ -119,7 +174,7 @@ def export(adapter_dir: Path, pipe) -> list:
 
     from studio.adapters.checks import ExportReport
 
-    reason = _not_sd1(pipe)
+    reason = _no_layout(pipe)
     if reason:  # no file rather than a file in a layout no tool expects
         return [ExportReport(SINGLE_FILE, "sd-single-file", SINGLE_FILE_LOADER,
                              note=f"not written: {reason}; the diffusers folder is the model.")]
@@ -130,19 +185,17 @@ def export(adapter_dir: Path, pipe) -> list:
     return [check_single_file(path, pipe, config_dir=adapter_dir)]
 
 
-def _not_sd1(pipe) -> str | None:
-    """Why this model has no SD 1.x single-file layout, or None. SD 2.x files hold OpenCLIP under
-    `cond_stage_model.model.` (another layout, not written here); SDXL has two text encoders and
-    `conditioner.embedders.*`."""
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.addition_embed_type:
-        return "SDXL single files (two text encoders) are not written yet"
-    if pipe.unet.config.cross_attention_dim == 1024:
+def _no_layout(pipe) -> str | None:
+    """Why this model has no single-file layout here, or None. SD 2.x files hold OpenCLIP under
+    `cond_stage_model.model.` with a 24th layer and a projection that diffusers' SD 2.x text encoder
+    drops, so a faithful file cannot be written from the diffusers folder."""
+    if getattr(pipe, "text_encoder_2", None) is None and pipe.unet.config.cross_attention_dim == 1024:
         return "SD 2.x single files (OpenCLIP text encoder layout) are not written yet"
     return None
 
 
 def check_single_file(path: Path, pipe, config_dir: Path):
-    """Read an SD 1.x single file with diffusers' `from_single_file` and compare with `pipe`.
+    """Read a single file (SD 1.x or SDXL) with diffusers' `from_single_file` and compare with `pipe`.
 
     Keys: the file's against those the studio writes for `pipe`. Output: UNet (noise prediction),
     VAE decoder (image from latents) and text encoder (hidden states), each on one fixed input; the
@@ -160,7 +213,7 @@ def check_single_file(path: Path, pipe, config_dir: Path):
     expected = set(single_file_state_dict(pipe))
     report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
     try:
-        loaded = _load_single_file(path, config_dir)
+        loaded = _load_single_file(path, config_dir, sdxl=getattr(pipe, "text_encoder_2", None) is not None)
     except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
         log.warning("diffusers could not load %s", path, exc_info=True)
         report.note = f"diffusers' from_single_file refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
@@ -172,12 +225,16 @@ def check_single_file(path: Path, pipe, config_dir: Path):
     return report
 
 
-def _load_single_file(path: Path, config_dir: Path):
+def _load_single_file(path: Path, config_dir: Path, sdxl: bool = False):
     """diffusers 0.42's offline reading: `config=` a local diffusers folder gives every component's
     config, so nothing is fetched and no original (LDM yaml) config is needed."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if sdxl:
+        return StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
+            add_watermarker=False)
     return StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
         safety_checker=None, requires_safety_checker=False)
@@ -185,8 +242,13 @@ def _load_single_file(path: Path, config_dir: Path):
 
 def _unfilled(loaded) -> list[str]:
     """Parameters the loader left without a value (still on the meta device): the file lacked them."""
-    return sorted(f"{component}.{name}" for component in ("unet", "vae", "text_encoder")
+    return sorted(f"{component}.{name}" for component in _components(loaded)
                   for name, p in getattr(loaded, component).named_parameters() if p.is_meta)
+
+
+def _components(pipe) -> tuple[str, ...]:
+    extra = ("text_encoder_2",) if getattr(pipe, "text_encoder_2", None) is not None else ()
+    return ("unet", "vae", "text_encoder") + extra
 
 
 def _compare(pipe, loaded) -> dict[str, float]:
@@ -201,7 +263,7 @@ def _compare(pipe, loaded) -> dict[str, float]:
     ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, 77), generator=g)
     diffs = {}
     with torch.no_grad():
-        for name in ("unet", "vae", "text_encoder"):
+        for name in _components(pipe):
             ours, theirs = getattr(pipe, name), getattr(loaded, name)
             was_training, dtype = ours.training, next(ours.parameters()).dtype
             if dtype != torch.float32:  # half-precision training: compare in float32
@@ -214,9 +276,11 @@ def _compare(pipe, loaded) -> dict[str, float]:
             elif name == "vae":
                 z = latents.to(next(ours.parameters()).device)
                 a, b = ours.decode(z).sample, theirs.decode(z).sample
-            else:
+            else:  # every layer's hidden states, and the projected pooled output where there is one
                 t = ids.to(next(ours.parameters()).device)
-                a, b = ours(t)[0], theirs(t)[0]
+                mine, other = ours(t, output_hidden_states=True), theirs(t, output_hidden_states=True)
+                a = torch.cat([h.flatten() for h in mine.hidden_states] + [mine[0].flatten()])
+                b = torch.cat([h.flatten() for h in other.hidden_states] + [other[0].flatten()])
             diffs[name] = float((a.float() - b.float()).abs().max())
             if dtype != torch.float32:
                 ours.to(dtype)

@@ -120,7 +120,9 @@ KOHYA_LOADER = "diffusers kohya converter"
 _LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
                "time_emb_proj": "emb_layers.1", "norm1": "in_layers.0", "norm2": "out_layers.0"}
 _LDM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
-            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            # SDXL: the embedding of pooled text + size conditioning
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def ldm_module_name(path: str, config) -> str:
