@@ -515,12 +515,6 @@ def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
     export = getattr(adapter, "export", None)
     if export is None:
         return
-    if models.is_sdxl(pipe) and not getattr(adapter, "EXPORTS_SDXL", False):
-        # kohya/LyCORIS files for SDXL use the LDM (input_blocks...) layout, which is not written yet;
-        # the diffusers/peft-format adapter saved above is complete and loads on its own.
-        emit(events.Progress(step, step, "Community-format export (kohya/LyCORIS) is not written for SDXL yet; "
-                                         "the adapter is saved in the diffusers/peft format."))
-        return
     reports = export(paths.adapter, pipe)
     write_reports(paths.adapter, reports)
     for report in reports:

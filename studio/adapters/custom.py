@@ -29,7 +29,6 @@ from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
 KINDS = ("custom",)
-EXPORTS_SDXL = True  # the K/V file is keyed by processor names, which are the same on SDXL
 HAS_SCALE = True  # through set_scale: W = W0 + s (W1 - W0), in place; the Playground calls it
 TRAINS_TEXT = True  # the new rows learn: captions are encoded every step
 # No weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py).

@@ -25,7 +25,6 @@ TRAINS_TEXT = True  # the text encoder's input changes during training: no cache
 WEIGHT_DECAY = 0.0  # decay would move the frozen rows too
 WEIGHTS = "learned_embeds.safetensors"
 A1111 = "learned_embeds_a1111.safetensors"
-EXPORTS_SDXL = True  # the SDXL file is checked by reloading it (see export)
 SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2
 
 

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("full",)
 HAS_SCALE = False
-EXPORTS_SDXL = True  # the SDXL single file uses the sgm layout (conditioner.embedders.*)
 SAVES_MODEL = True  # checkpoints keep trainable.safetensors (the whole UNet) and no second model copy
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_LOADER = "diffusers from_single_file"

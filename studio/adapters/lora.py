@@ -113,7 +113,6 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
 # The file sits beside the diffusers-format weights, so the studio's own loading is unchanged.
 
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
-EXPORTS_SDXL = True  # SDXL files get LDM names (input_blocks_4_1_...), as kohya writes them for SDXL
 KOHYA_LOADER = "diffusers kohya converter"
 
 # diffusers ResNet block layer -> the LDM ResBlock layer with the same weights.

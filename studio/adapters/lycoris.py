@@ -25,7 +25,6 @@ from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS, staging, swa
 
 KINDS = ("loha", "lokr")
 HAS_SCALE = True
-EXPORTS_SDXL = True  # SDXL files use LDM module names, checked through an LDM-named view of the UNet
 WEIGHTS = PEFT_WEIGHTS  # the file whose version the playground watches
 PARAM_PREFIXES = ("hada_", "lokr_")
 

@@ -19,7 +19,6 @@ TRAINS_TEXT = True  # the embedding row learns: captions are encoded every step
 # No weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py). The
 # LoRA part trains without it too, which LoRA trainers commonly do.
 WEIGHT_DECAY = 0.0
-EXPORTS_SDXL = True  # both of its exports (kohya LoRA, embedding) handle SDXL
 WEIGHTS = LORA_WEIGHTS  # the file whose change means a new version (the Playground watches it)
 
 
