@@ -32,13 +32,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Concept Studio: teach Stable Diffusion a concept.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    prep = sub.add_parser("prep", help="turn a folder of photos into a dataset folder")
-    prep.add_argument("src", type=Path)
+    prep = sub.add_parser("prep", help="turn a folder of photos (or a kohya / imagefolder folder, or a studio "
+                                        "dataset to re-export) into a dataset folder")
+    prep.add_argument("src", type=Path, help="photos, kohya 'N_name' folders, a folder with metadata.jsonl, or a dataset")
     prep.add_argument("--out", type=Path, required=True)
-    prep.add_argument("--token", required=True, help="trigger word, e.g. sks")
-    prep.add_argument("--class-word", required=True, help="what the concept is, e.g. 'stuffed animal'")
+    prep.add_argument("--token", default=None, help="trigger word, e.g. sks (required unless SRC is a dataset)")
+    prep.add_argument("--class-word", default=None, help="what the concept is, e.g. 'stuffed animal'")
     prep.add_argument("--resolution", type=int, default=512)
     prep.add_argument("--template", default="a photo of {token} {class}")
+    prep.add_argument("--crop", default="subject", choices=["subject", "center", "face", "pad"],
+                      help="subject-aware (default), centre, face-aware (people), or pad to square")
+    prep.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of squares")
+    prep.add_argument("--background", default="white", help="colour behind transparent pixels")
+    prep.add_argument("--border", default="white", help="colour of the margins when --crop pad")
+    prep.add_argument("--detector", default="", help="transformers object-detection model id for subject crops")
+    prep.add_argument("--captioner", default="", help="caption with this model (hub id or folder)")
+    prep.add_argument("--captioner-kind", default="caption", choices=["caption", "tags"])
+    prep.add_argument("--remove-tags", default="", help="comma-separated tags inherent to the concept (tagger)")
+    prep.add_argument("--prefix", default="")
+    prep.add_argument("--suffix", default="")
+    prep.add_argument("--find", default="")
+    prep.add_argument("--replace", default="")
+    prep.add_argument("--export", choices=["kohya", "imagefolder"], default=None,
+                      help="also write the finished dataset in this layout to OUT-kohya / OUT-imagefolder")
+    prep.add_argument("--audit-model", default=None, metavar="CLIP",
+                      help="flag outliers with this CLIP id or folder ('off' to skip; default: the evaluation's "
+                           "CLIP when the hub is reachable)")
     prep.set_defaults(func=cmd_prep)
 
     train = sub.add_parser("train", help="train an adapter; prints progress")
@@ -89,11 +108,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_prep(args) -> int:
-    from studio.data.dataset import prep_folder
+    from studio.data import prep
 
-    spec, problems = prep_folder(args.src, args.out, args.token, args.class_word, args.resolution, args.template)
-    for problem in problems:
+    if (args.src / "dataset.yaml").exists():
+        result = prep.PrepResult(prep.reexport(args.src, args.out, args.resolution, args.buckets or None), [], [])
+    else:
+        if not args.token or not args.class_word:
+            raise StudioError("Give --token and --class-word (e.g. --token sks --class-word 'stuffed animal').")
+        options = prep.PrepOptions(args.crop, args.buckets, args.background, args.border, args.detector)
+        captions = prep.CaptionOptions(args.template, args.prefix, args.suffix, args.find, args.replace,
+                                       args.captioner, args.captioner_kind, args.remove_tags)
+        result = prep.prep_folder(args.src, args.out, args.token, args.class_word, args.resolution, options,
+                                  captions, args.audit_model)
+    for problem in result.problems:
         print(f"skipped: {problem}", file=sys.stderr)
+    for finding in result.findings:
+        print(f"warning: {finding.message}", file=sys.stderr)
+    if result.note:
+        print(result.note, file=sys.stderr)
+    spec = result.spec
+    if args.export:
+        from studio.data.formats import export
+
+        where = export(args.out, args.out.with_name(f"{args.out.name}-{args.export}"), args.export)
+        print(f"Exported a {args.export} copy to {where}")
     print(f"Wrote {len(spec.items)} images to {args.out} ({args.resolution}px, captions like "
           f"'{spec.items[0].caption}').")
     return 0

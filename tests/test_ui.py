@@ -50,8 +50,8 @@ def test_prepare_reports_bad_files_by_name_and_keeps_the_rest(photos_dir, tmp_pa
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(next(photos_dir.glob("*.jpg")).read_bytes()[:600])
     good = sorted(str(p) for p in photos_dir.glob("*.jpg"))
-    prepared, gallery, rows, note = dataset_tab._prepare(good + [str(bad), str(truncated)], "sks", "dog",
-                                                         "a photo of {token} {class}", 64)
+    prepared, gallery, rows, note, *_ = dataset_tab._prepare(good + [str(bad), str(truncated)], "sks", "dog",
+                                                             "a photo of {token} {class}", 64, audit_model="off")
     assert len(prepared) == len(good) == len(gallery) == len(rows)
     assert "holiday.png" in note and "cut.jpg" in note and "2 file(s) skipped" in note
     assert rows[0][1] == "a photo of sks dog"
@@ -60,8 +60,8 @@ def test_prepare_reports_bad_files_by_name_and_keeps_the_rest(photos_dir, tmp_pa
 
 def test_save_keeps_edited_captions(photos_dir, tmp_path):
     studio = Studio(Workspace(tmp_path), "builtin")
-    prepared, _, rows, _ = dataset_tab._prepare(sorted(str(p) for p in photos_dir.glob("*.jpg")), "sks", "dog",
-                                                "a photo of {token} {class}", 64)
+    prepared, _, rows, *_ = dataset_tab._prepare(sorted(str(p) for p in photos_dir.glob("*.jpg")), "sks", "dog",
+                                                 "a photo of {token} {class}", 64, audit_model="off")
     rows[0][1] = "a photo of sks dog on a sofa"
     message = dataset_tab._save(studio, prepared, rows, "my dog", "sks", "dog", 64, "a photo of {token} {class}")
     assert "my-dog" in message

@@ -120,3 +120,21 @@ def export(dataset: Path, out: Path, fmt: str) -> Path:
     if fmt == "imagefolder":
         write_metadata(tmp / "train", rows)
     return swap_into_place(tmp, Path(out))
+
+
+def pair_uploads(files: list[tuple[Path, str]]) -> list[SourceFile]:
+    """Uploaded files as images with captions: a 'name.txt' beside 'name.jpg' (kohya) or a metadata.jsonl
+    naming the images (imagefolder) gives that image's caption; other non-images are ignored."""
+    captions: dict[str, str] = {}
+    for path, name in files:
+        if Path(name).name == METADATA:
+            for source in _read_imagefolder(Path(path)) if Path(path).is_file() else []:
+                if source.caption is not None:
+                    captions[Path(source.name).name] = source.caption
+    for path, name in files:
+        if Path(name).suffix.lower() in (".txt", ".caption"):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            captions[Path(name).stem] = " ".join(text.split())
+    return [SourceFile(Path(path), name, captions.get(Path(name).name, captions.get(Path(name).stem)))
+            for path, name in files
+            if Path(name).suffix.lower() not in (".txt", ".caption", ".jsonl")]

@@ -78,8 +78,10 @@ def open_photo(path: Path, display_name: str | None = None, min_side: int = MIN_
             raise StudioError(f"'{name}' is a HEIC photo and reading HEIC needs the pillow-heif package; "
                               "`pip install pillow-heif`, or export the photo as JPEG.")
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise _bomb(name, f"{im.width}×{im.height} pixels")
             im.seek(0)  # GIF, multi-page TIFF: the first frame

@@ -1,4 +1,8 @@
-"""Dataset tab: upload photos, orient and crop them, caption, save a dataset folder."""
+"""Dataset tab: upload photos, orient and crop them, caption, audit, save a dataset folder.
+
+Thin handlers: each turns component values into the core's options (studio.data.prep), calls one core
+function and formats its result.
+"""
 
 from __future__ import annotations
 
@@ -6,74 +10,258 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.data.captioners import CAPTIONER_KINDS, DEFAULT_CAPTIONER
 from studio.data.captions import DEFAULT_TEMPLATE
+from studio.data.crops import CROP_MODES
 from studio.ui.context import Studio, friendly
+
+HEADERS = ["image", "caption", "repeats", "trains at", "crop box (in the original)"]
+CAPTION, REPEATS = 1, 2  # columns of the captions table
+SHOWN_SIDE = 640  # the original is shown at most this large; clicks are scaled back
 
 
 def build(studio: Studio, default_resolution: int) -> dict:
-    gr.Markdown("Upload 3–20 photos of your concept. They are turned upright from their EXIF orientation, "
-                "cropped to a centred square and resized to the training resolution.")
+    gr.Markdown("Upload 3–20 photos of your concept (add kohya `.txt` captions or a `metadata.jsonl` to keep "
+                "their captions). They are turned upright from their EXIF orientation and cropped so the subject "
+                "stays in frame; check each crop below, which is exactly what will train.")
     with gr.Row():
-        files = gr.File(label="Photos", file_count="multiple", file_types=["image"], elem_id="dataset-upload")
+        files = gr.File(label="Photos", file_count="multiple", file_types=["image", ".txt", ".jsonl", ".heic", ".heif"],
+                        elem_id="dataset-upload")
         with gr.Column():
             token = gr.Textbox(value="sks", label="Trigger word", info="a rare word that will name your concept")
             class_word = gr.Textbox(value="stuffed animal", label="Class word", info="what it is: dog, mug, plushie…")
             template = gr.Textbox(value=DEFAULT_TEMPLATE, label="Caption template")
             resolution = gr.Number(value=default_resolution, precision=0, label="Resolution (px)",
                                    info="64 for the built-in model, 512 for Stable Diffusion 1.5")
+    with gr.Accordion("Cropping and import", open=False):
+        with gr.Row():
+            crop = gr.Radio([(label, key) for key, label in CROP_MODES.items()], value="subject", label="Crop",
+                            elem_id="dataset-crop")
+            buckets = gr.Checkbox(False, label="Aspect-ratio buckets", elem_id="dataset-buckets",
+                                  info="keep each photo's shape (about the same pixel count) instead of a square")
+        with gr.Row():
+            background = gr.ColorPicker("#ffffff", label="Background behind transparent pixels")
+            border = gr.ColorPicker("#ffffff", label="Border colour (pad to square)")
+            detector = gr.Textbox("", label="Detection model (optional)", info="a transformers object-detection id "
+                                  "such as facebook/detr-resnet-50 to place subject crops; empty: built-in saliency")
+            audit_model = gr.Textbox("", label="Outlier check model", info="CLIP id or folder; empty: the default "
+                                     "CLIP when the hub is reachable; 'off' to skip")
     prepare = gr.Button("Prepare photos", variant="primary", elem_id="dataset-prepare")
     problems = gr.Markdown(elem_id="dataset-problems")
+    warnings = gr.CheckboxGroup([], label="Warnings: tick one to dismiss it", visible=False, elem_id="dataset-warnings")
     gallery = gr.Gallery(label="What will train", columns=6, height=220, elem_id="dataset-gallery")
-    captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], interactive=True,
-                            label="Captions (edit any cell)", elem_id="dataset-captions")
+    captions = gr.Dataframe(headers=HEADERS, datatype=["str", "str", "number", "str", "str"], interactive=True,
+                            label="Captions and repeats (edit any cell)", elem_id="dataset-captions")
+    with gr.Accordion("Captions for the whole set", open=False):
+        with gr.Row():
+            prefix = gr.Textbox("", label="Prefix")
+            suffix = gr.Textbox("", label="Suffix")
+            find = gr.Textbox("", label="Find")
+            replace = gr.Textbox("", label="Replace with")
+        apply_text = gr.Button("Apply to all captions", elem_id="dataset-apply-text")
+        with gr.Row():
+            captioner = gr.Textbox(DEFAULT_CAPTIONER, label="Captioner model", elem_id="dataset-captioner",
+                                   info="hub id or local folder; loaded on first use")
+            kind = gr.Radio([(label, key) for key, label in CAPTIONER_KINDS.items()], value="caption", label="Kind")
+            remove = gr.Textbox("", label="Tags inherent to the concept", info="removed from tagger captions, "
+                                "comma-separated (the trigger word stands for them)")
+        run_captioner = gr.Button("Caption with the model", elem_id="dataset-run-captioner")
+    with gr.Accordion("Crop one image by hand", open=False):
+        with gr.Row():
+            pick = gr.Dropdown([], label="Image", elem_id="dataset-crop-image")
+            box = [gr.Number(label=side, precision=0, elem_id=f"dataset-box-{side}")
+                   for side in ("left", "top", "right", "bottom")]
+        with gr.Row():
+            original = gr.Image(label="Original (click to centre the box there)", interactive=False, height=320,
+                                elem_id="dataset-crop-original")
+            preview = gr.Image(label="Exactly what will train", interactive=False, height=320,
+                               elem_id="dataset-crop-preview")
+        set_box = gr.Button("Use this box", elem_id="dataset-set-box")
     with gr.Row():
         name = gr.Textbox(value="my-concept", label="Dataset name", elem_id="dataset-name")
         save = gr.Button("Save dataset", elem_id="dataset-save")
     saved = gr.Markdown(elem_id="dataset-saved")
     prepared = gr.State([])
+    findings = gr.State([])
 
-    prepare.click(friendly(_prepare), [files, token, class_word, template, resolution],
-                  [prepared, gallery, captions, problems])
-    save.click(friendly(lambda *a: _save(studio, *a)), [prepared, captions, name, token, class_word, resolution, template],
-               [saved])
+    options = [crop, buckets, background, border, detector]
+    prepare.click(friendly(_prepare), [files, token, class_word, template, resolution, *options, audit_model],
+                  [prepared, gallery, captions, problems, findings, warnings, pick])
+    warnings.change(_dismiss, [findings, warnings], [findings, warnings], show_progress="hidden")
+    apply_text.click(friendly(_apply_text), [captions, prefix, suffix, find, replace], [captions, problems])
+    run_captioner.click(friendly(_run_captioner), [prepared, captions, captioner, kind, remove, token, class_word],
+                        [captions, problems])
+    pick.change(friendly(_show_crop), [prepared, pick], [original, preview, *box], show_progress="hidden")
+    original.select(friendly(_centre_box), [prepared, pick, *box], [*box])
+    set_box.click(friendly(_set_box), [prepared, pick, *box, resolution, *options, captions],
+                  [prepared, gallery, captions, original, preview])
+    save.click(friendly(lambda *a: _save(studio, *a)),
+               [prepared, captions, name, token, class_word, resolution, template, *options], [saved])
     return {"saved": saved}
 
 
-def _prepare(files, token, class_word, template, resolution):
-    from studio.data.captions import render
-    from studio.data.dataset import prepare_photos
+def _options(crop="subject", buckets=False, background="#ffffff", border="#ffffff", detector=""):
+    from studio.data.prep import PrepOptions
+
+    return PrepOptions(crop or "subject", bool(buckets), background or "#ffffff", border or "#ffffff", detector or "")
+
+
+def _upload_paths(files) -> list[tuple[Path, str]]:
+    """(path on disk, the name the user knows); gradio keeps the upload's own name as the file name."""
+    paths = [Path(f if isinstance(f, str) else f.name) for f in files]
+    return [(p, p.name) for p in paths]
+
+
+def _prepare(files, token, class_word, template, resolution, crop="subject", buckets=False, background="#ffffff",
+             border="#ffffff", detector="", audit_model="", progress=gr.Progress()):
+    from studio.data import prep
+    from studio.data.formats import pair_uploads
 
     if not files:
         raise gr.Error("No photos were uploaded; add some images first.", print_exception=False)
-    paths = [Path(f if isinstance(f, str) else f.name) for f in files]
-    prepared, problems = prepare_photos([(p, p.name) for p in paths], int(resolution))
-    caption = render(template, token, class_word)
-    rows = [[item.source, caption] for item in prepared]
-    note = "\n".join(f"- {p}" for p in problems)
-    if problems:
-        note = f"**{len(problems)} file(s) skipped, {len(prepared)} kept:**\n{note}"
-    return prepared, [(item.image, item.source) for item in prepared], rows, note
+    options = _options(crop, buckets, background, border, detector)
+    sources = pair_uploads(_upload_paths(files))
+    items, problems = prep.prepare_photos([(s.path, s.name) for s in sources], int(resolution), options,
+                                          lambda i, n: progress((i, n), desc="Preparing photos"))
+    given = {s.name: s.caption for s in sources}
+    for item in items:
+        item.caption = given.get(item.source)
+    texts = prep.caption_all(items, token, class_word, prep.CaptionOptions(template=template))
+    found, note = prep.audit_prepared(items, audit_model)
+    lines = [f"- {p}" for p in problems] + [f"- {i.note}" for i in items if i.note] + ([f"- {note}"] if note else [])
+    header = f"**{len(problems)} file(s) skipped, {len(items)} kept:**\n" if problems else ""
+    return (items, _gallery(items), _rows(items, texts), header + "\n".join(lines), found,
+            _warnings_update(found), gr.update(choices=[i.source for i in items], value=None))
 
 
-def _rows(captions) -> list[list[str]]:
+def _gallery(items) -> list:
+    return [(item.image, f"{item.source} · {item.size[0]}×{item.size[1]}") for item in items]
+
+
+def _rows(items, texts) -> list[list]:
+    return [[item.source, text, item.repeats, f"{item.size[0]}×{item.size[1]}", _box_text(item)]
+            for item, text in zip(items, texts)]
+
+
+def _box_text(item) -> str:
+    return f"{item.mode}: {', '.join(str(v) for v in item.crop)}"
+
+
+def _warnings_update(found):
+    return gr.update(choices=[(f.message, f.key) for f in found], value=[], visible=bool(found))
+
+
+def _dismiss(found, ticked):
+    if not ticked:
+        return gr.update(), gr.update()
+    left = [f for f in found if f.key not in set(ticked)]
+    return left, _warnings_update(left)
+
+
+def _table(captions) -> list[list]:
     if captions is None:
         return []
     if hasattr(captions, "values"):  # a pandas DataFrame
         return captions.values.tolist()
-    return list(captions)
+    return [list(r) for r in captions]
 
 
-def _save(studio: Studio, prepared, captions, name, token, class_word, resolution, template):
-    from studio.data.dataset import save_dataset
+def _apply_text(captions, prefix, suffix, find, replace):
+    from studio.data.captions import affix, find_replace
+
+    rows = _table(captions)
+    if not rows:
+        raise gr.Error("There are no captions yet; prepare photos first.", print_exception=False)
+    texts = [affix(str(r[CAPTION] or ""), prefix, suffix) for r in rows]
+    changed = ""
+    if find:
+        texts, count = find_replace(texts, find, replace or "")
+        changed = f" '{find}' was replaced in {count} caption(s)."
+    for row, text in zip(rows, texts):
+        row[CAPTION] = text
+    return rows, f"Updated {len(rows)} caption(s).{changed}"
+
+
+def _run_captioner(prepared, captions, model_id, kind, remove, token, class_word, progress=gr.Progress()):
+    from studio.data.prep import CaptionOptions, caption_all
+
+    if not prepared:
+        raise gr.Error("There are no prepared photos to caption; press Prepare first.", print_exception=False)
+    opts = CaptionOptions(captioner=model_id or "", captioner_kind=kind or "caption", remove_tags=remove or "")
+    texts = caption_all(prepared, token, class_word, opts, lambda i, n: progress((i, n), desc="Captioning"))
+    rows = _table(captions) or _rows(prepared, texts)
+    for row, text in zip(rows, texts):
+        row[CAPTION] = text
+    return rows, f"Captioned {len(texts)} image(s) with '{model_id}'."
+
+
+def _find(prepared, source):
+    item = next((p for p in prepared or [] if p.source == source), None)
+    if item is None:
+        raise gr.Error("Choose an image to crop first.", print_exception=False)
+    return item
+
+
+def _show_crop(prepared, source):
+    if not source:
+        return None, None, *[gr.update()] * 4
+    item = _find(prepared, source)
+    return _outline(item, item.crop), item.image, *item.crop
+
+
+def _outline(item, box):
+    from studio.data.prep import crop_outline
+
+    return crop_outline(item, box, SHOWN_SIDE)
+
+
+def _centre_box(prepared, source, left, top, right, bottom, evt: gr.SelectData):
+    """A click on the shown original moves the box's centre there, keeping its size."""
+    item = _find(prepared, source)
+    scale = min(1.0, SHOWN_SIDE / max(item.original_size))
+    x, y = evt.index[0] / scale, evt.index[1] / scale
+    w, h = (right or 0) - (left or 0), (bottom or 0) - (top or 0)
+    return round(x - w / 2), round(y - h / 2), round(x + w / 2), round(y + h / 2)
+
+
+def _set_box(prepared, source, left, top, right, bottom, resolution, crop, buckets, background, border, detector,
+             captions):
+    from studio.data.prep import recrop
+
+    item = _find(prepared, source)
+    options = _options(crop, buckets, background, border, detector)
+    new = recrop(item, int(resolution), options, "manual", (left, top, right, bottom))
+    items = [new if p is item else p for p in prepared]
+    rows = _table(captions)
+    texts = [r[CAPTION] for r in rows] if len(rows) == len(items) else [""] * len(items)
+    table = _rows(items, texts)
+    for row, old in zip(table, rows):
+        row[REPEATS] = old[REPEATS]
+    return items, _gallery(items), table, _outline(new, new.crop), new.image
+
+
+def _save(studio: Studio, prepared, captions, name, token, class_word, resolution, template, crop="subject",
+          buckets=False, background="#ffffff", border="#ffffff", detector=""):
+    from studio.data.prep import save
 
     if not prepared:
         raise gr.Error("There are no prepared photos to save; upload photos and press Prepare first.", print_exception=False)
-    rows = _rows(captions)
-    texts = [str(r[1]) if len(r) > 1 and str(r[1]).strip() else "" for r in rows][: len(prepared)]
+    rows = _table(captions)
+    texts = [str(r[CAPTION]) if len(r) > CAPTION and str(r[CAPTION]).strip() else "" for r in rows][: len(prepared)]
     texts += [""] * (len(prepared) - len(texts))
     if not all(texts):
         raise gr.Error("Every image needs a caption; fill the empty cells.", print_exception=False)
+    repeats = [_whole(r[REPEATS]) if len(r) > REPEATS else p.repeats for r, p in zip(rows, prepared)]
+    repeats += [p.repeats for p in prepared[len(repeats):]]
     paths = studio.workspace.dataset(name)
-    spec = save_dataset(paths, prepared, texts, token, class_word, int(resolution), template)
+    spec = save(paths.root, prepared, texts, token, class_word, int(resolution), template,
+                _options(crop, buckets, background, border, detector), repeats)
     where = paths.root.relative_to(studio.workspace.root) if paths.root.is_relative_to(studio.workspace.root) else paths.root
     return f"Saved **{len(spec.items)}** images to `{where}` as dataset **{paths.root.name}**."
+
+
+def _whole(value) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise gr.Error(f"Repeats must be a whole number, got '{value}'; fix the cell.", print_exception=False) from None
