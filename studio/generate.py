@@ -1,7 +1,9 @@
-"""Playground inference: one cached base pipeline, trained adapters stacked on it at chosen scales.
+"""Playground inference: a cached base pipeline, trained adapters stacked on it at chosen scales.
 
 Adapters are loaded once per file and kept; changing a scale only calls `set_adapters`, so a
-slider responds in milliseconds and never reloads weights.
+slider responds in milliseconds and never reloads weights. A fully fine-tuned model (DreamBooth)
+chosen among the adapters is a model, not an addition: the adapted image is drawn by it (with any
+other adapters on top), the base image by the base model; both pipelines stay loaded.
 """
 
 from __future__ import annotations
@@ -61,20 +63,44 @@ def _peft_scaled(module) -> bool:
     return module.HAS_SCALE and not hasattr(module, "set_scale")
 
 
+def _model_folder(choice: AdapterChoice) -> str | None:
+    """The model folder of a fully fine-tuned run, or None for an adapter."""
+    folder = adapters.find_adapter_dir(Path(choice.path))
+    module = adapters.module_for(adapters.read_meta(folder).kind)
+    return str(folder) if getattr(module, "SAVES_MODEL", False) else None
+
+
+def split_choices(model: str, choices: list[AdapterChoice]) -> tuple[str, list[AdapterChoice]]:
+    """The model that draws, and the adapters it carries: a full fine-tune among the choices (at any
+    scale but 0, like other kinds without a scale) replaces `model`."""
+    models_chosen = [(c, f) for c, f in ((c, _model_folder(c)) for c in choices) if f]
+    on = [f for c, f in models_chosen if c.scale != 0]
+    if len(on) > 1:
+        raise StudioError("Two fully fine-tuned models are chosen, and an image is drawn by one model; "
+                          "keep one of them (adapters can be stacked on it).")
+    rest = [c for c in choices if c not in {c for c, _ in models_chosen}]
+    return (on[0] if on else model), rest
+
+
 class Playground:
     def __init__(self, cache: models.PipelineCache | None = None):
-        self.cache = cache or models.PipelineCache()
+        self.cache = cache or models.PipelineCache(size=2)  # the base model and one fine-tuned model
         self._lock = threading.RLock()
-        self._loaded: dict[str, _Loaded] = {}  # weights file -> what is loaded from it
-        self._pipe = None  # the pipeline the adapters in _loaded live in
+        self._pipe = None  # the pipeline last used
+        self._loaded: dict[str, _Loaded] = {}  # weights file -> what is loaded from it, in self._pipe
+        self._states: dict[int, tuple[object, dict[str, _Loaded]]] = {}  # id(pipe) -> (pipe, its _loaded)
 
     def pipeline(self, model: str):
         ref = models.resolve(model)
         device = models.pick_device()
         dtype, _ = models.resolve_precision("auto", device)
         pipe = self.cache.get(ref, device, dtype)
-        if pipe is not self._pipe:  # a new base model: nothing is loaded into it yet
-            self._pipe, self._loaded = pipe, {}
+        if pipe is not self._pipe:
+            kept = self._states.get(id(pipe))
+            loaded = kept[1] if kept is not None and kept[0] is pipe else {}  # a new pipeline: nothing in it yet
+            self._states = {k: v for k, v in self._states.items() if self.cache.holds(v[0])}
+            self._states[id(pipe)] = (pipe, loaded)
+            self._pipe, self._loaded = pipe, loaded
         return pipe, ref
 
     def _load(self, pipe, choice: AdapterChoice) -> _Loaded:
@@ -114,8 +140,10 @@ class Playground:
         - kinds with their own `set_scale` (Custom Diffusion): interpolated in place at any scale.
         - kinds without a scale (an embedding): on at any scale but 0, unloaded at 0.
         Adapters loaded earlier but not asked for now are switched off or unloaded.
+        A fully fine-tuned model among `choices` is the model they apply to (see `split_choices`).
         """
         with self._lock:
+            model, choices = split_choices(model, choices)
             pipe, _ = self.pipeline(model)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
@@ -139,8 +167,8 @@ class Playground:
         if not req.prompt.strip():
             raise StudioError("The prompt is empty; describe the image you want.")
         with self._lock:
-            pipe, _ = self.pipeline(req.model)
             self.set_scales(req.model, req.adapters)
+            pipe, _ = self.pipeline(split_choices(req.model, req.adapters)[0])
             size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
             generator = torch.Generator().manual_seed(int(req.seed))
             with torch.no_grad():
@@ -149,6 +177,6 @@ class Playground:
                             generator=generator).images[0]
 
     def generate_pair(self, req: GenerateRequest):
-        """(base, adapted) for the same seed: the base is the model with no adapter of any kind."""
+        """(base, adapted) for the same seed: the base is the base model with no adapter of any kind."""
         base = GenerateRequest(**{**req.__dict__, "adapters": []})
         return self.generate(base), self.generate(req)

@@ -320,22 +320,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 class PipelineCache:
-    """Keeps one inference pipeline loaded (the last asked for); thread-safe."""
+    """Keeps the last `size` inference pipelines asked for loaded (least recently used goes first);
+    thread-safe."""
 
-    def __init__(self):
+    def __init__(self, size: int = 1):
         self._lock = threading.Lock()
-        self._key = None
-        self._pipe = None
+        self._size = max(1, size)
+        self._pipes: dict = {}  # key -> pipeline, oldest use first
 
     def get(self, ref: ModelRef, device: str, dtype):
         key = (ref.source, device, str(dtype))
         with self._lock:
-            if self._key != key:
-                self._pipe = None  # free the old one before loading the next
-                self._pipe = load_pipeline(ref, device, dtype)
-                self._key = key
-            return self._pipe
+            if key in self._pipes:
+                self._pipes[key] = self._pipes.pop(key)  # now the most recent
+                return self._pipes[key]
+            while len(self._pipes) >= self._size:  # free before loading the next
+                self._pipes.pop(next(iter(self._pipes)))
+            self._pipes[key] = load_pipeline(ref, device, dtype)
+            return self._pipes[key]
+
+    def holds(self, pipe) -> bool:
+        with self._lock:
+            return any(p is pipe for p in self._pipes.values())
 
     def clear(self) -> None:
         with self._lock:
-            self._key, self._pipe = None, None
+            self._pipes.clear()
