@@ -83,16 +83,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True)
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("evaluate", help="image and prompt similarity of runs against baselines")
+    ev = sub.add_parser("evaluate", help="concept fidelity (CLIP-I, DINO) and prompt fidelity (CLIP-T) of runs, "
+                                         "swept over checkpoints and scales, against baselines")
     ev.add_argument("--model", default="")
     ev.add_argument("--runs", nargs="+", default=[], type=Path)
-    ev.add_argument("--dataset", required=True, type=Path)
-    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--dataset", type=Path, help="the dataset the runs were trained on")
+    ev.add_argument("--out", type=Path, help="folder for images, results.csv, summary.csv, plots")
     ev.add_argument("--clip", default="", help="CLIP model id or folder (default openai/clip-vit-base-patch32, or 'builtin')")
+    ev.add_argument("--dino", default="", help="DINO model id or folder (default facebook/dino-vits16 online; 'none')")
+    ev.add_argument("--kinds", default="training,generalization,agnostic,context",
+                    help="prompt kinds, comma-separated: training, generalization, agnostic, context")
+    ev.add_argument("--prompt", action="append", default=[], help="your own prompt with {token} and {class} (repeatable)")
+    ev.add_argument("--per-kind", type=int, default=4, help="prompts of each kind (0: all)")
     ev.add_argument("--seeds", type=int, default=2, help="images per prompt")
     ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--scale", type=float, default=1.0)
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--scales", default="1.0", help="adapter scales to sweep, comma-separated, e.g. 0,0.5,1,1.5")
+    ev.add_argument("--checkpoints", choices=["final", "all"], default="final")
     ev.add_argument("--context", action="append", default=None, help="context such as 'in a forest' (repeatable)")
+    ev.add_argument("--rescore", type=Path, default=None,
+                    help="recompute metrics and plots of an evaluation folder from its saved embeddings")
     ev.set_defaults(func=cmd_evaluate)
 
     bm = sub.add_parser("builtin-model", help="write the built-in model as a diffusers folder")
@@ -188,27 +198,53 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from studio.evaluate.protocol import EvalConfig, evaluate
+    from studio.evaluate.protocol import EvalConfig, evaluate, rescore
     from studio.evaluate.prompts import DEFAULT_CONTEXTS
 
-    cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, clip=args.clip,
-                     contexts=args.context or list(DEFAULT_CONTEXTS), seeds=args.seeds, steps=args.steps,
-                     scale=args.scale)
-    last = {"pct": -1}
+    if args.rescore:
+        result = rescore(args.rescore)
+    else:
+        if not args.dataset or not args.out:
+            raise StudioError("Give --dataset and --out (or --rescore EVAL_DIR to rescore a finished evaluation).")
+        cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model,
+                         clip=args.clip, dino=args.dino, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+                         prompts=args.prompt, contexts=args.context or list(DEFAULT_CONTEXTS),
+                         per_kind=args.per_kind, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+                         scales=_numbers(args.scales, "--scales"), checkpoints=args.checkpoints)
+        last = {"pct": -1}
 
-    def show(event) -> None:
-        if event.kind == "progress" and event.total:
-            pct = 100 * event.done // event.total
-            if pct // 10 != last["pct"] // 10:
-                print(f"{pct}%  {event.message}", flush=True)
-                last["pct"] = pct
-        elif event.kind == "progress":
-            print(event.message, flush=True)
+        def show(event) -> None:
+            if event.kind == "progress" and event.total:
+                pct = 100 * event.done // event.total
+                if pct // 10 != last["pct"] // 10:
+                    print(f"{pct}%  {event.message}", flush=True)
+                    last["pct"] = pct
+            elif event.kind == "progress":
+                print(event.message, flush=True)
 
-    result = evaluate(cfg, args.out, on_event=show)
-    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"Results: {Path(args.out) / 'results.csv'}")
+        result = evaluate(cfg, args.out, on_event=show)
+    if result.status != "completed":
+        print(result.message)
+        return 1
+    from studio.evaluate.report import write_report
+
+    shown = ["point", "clip_i", "dino", "clip_t", "image_similarity", "prompt_similarity", "preservation", "kid", "vendi"]
+    print(result.table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for warning in sorted({w for w in result.table["warning"].fillna("") if w}):
+        print(f"Note: {warning}")
+    if result.recommendation:
+        print(f"Recommended: {result.recommendation['reason']}")
+    files = write_report(result.out_dir, result.table, result.images, result.recommendation)
+    print(f"Results: {Path(result.out_dir) / 'results.csv'} (one row per image), summary.csv; "
+          f"plots: {', '.join(f.name for f in files)}")
     return 0
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StudioError(f"{flag} takes numbers separated by commas, such as 0,0.5,1; got '{text}'.") from None
 
 
 def cmd_builtin(args) -> int:

@@ -290,12 +290,18 @@ def test_concept_studio_in_a_browser(page, app_url, photos):
     page.get_by_label("Contexts (one per line)").fill("in a forest")
     page.locator("#eval-start").click()
     eval_status = page.locator("#eval-status")
-    expect(eval_status).to_contain_text("Evaluated 1 run(s)", timeout=120 * SECOND)
+    expect(eval_status).to_contain_text("of 1 run(s)", timeout=120 * SECOND)
     expect(page.locator("#eval-scatter .js-plotly-plot")).to_be_visible(timeout=15 * SECOND)
+    expect(page.locator("#eval-heatmap .js-plotly-plot")).to_be_visible(timeout=15 * SECOND)
+    expect(page.locator("#eval-grid img")).to_be_visible(timeout=15 * SECOND)
     table = page.locator("#eval-table")
     expect(table).to_contain_text(run_id, timeout=15 * SECOND)
-    expect(table).to_contain_text("image_similarity")
+    expect(table).to_contain_text("clip_t")
+    expect(page.locator("#eval-recommendation")).to_contain_text("Recommended:")
     screenshot(page, "evaluate")
+    # One click opens the recommended run and scale in the Playground.
+    page.locator("#eval-open").click()
+    expect(page.locator("#play-adapter-0 input[role=combobox]")).to_have_value(run_id, timeout=15 * SECOND)
 
     assert app_url["proc"].poll() is None, "the app stopped serving"
     assert not [t for t in toast_texts(page) if "went wrong" in t], toast_texts(page)

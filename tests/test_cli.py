@@ -44,9 +44,9 @@ def test_prep_of_a_folder_without_images_is_one_sentence(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, phrase", [
     (["--model", "not-a-model"], "is not 'builtin', an existing folder, or a hub id"),
-    (["--model", "builtin", "--set", "rnak=4"], "Unknown setting 'rnak'"),
-    (["--model", "builtin", "--set", "learning_rate=fast"], "Setting 'learning_rate' must be"),
-    (["--model", "builtin", "--steps", "-3"], "Setting 'steps' must be greater than 0"),
+    (["--model", "tiny", "--set", "rnak=4"], "Unknown setting 'rnak'"),
+    (["--model", "tiny", "--set", "learning_rate=fast"], "Setting 'learning_rate' must be"),
+    (["--model", "tiny", "--steps", "-3"], "Setting 'steps' must be greater than 0"),
 ])
 def test_train_bad_input_is_one_sentence_and_writes_no_run(dataset_dir, tmp_path, capsys, args, phrase):
     out = tmp_path / "run"
@@ -60,13 +60,13 @@ def test_train_on_a_dataset_with_no_images(dataset_dir, tmp_path, capsys):
     shutil.copytree(dataset_dir, broken)
     for f in (broken / "images").iterdir():
         f.unlink()
-    assert main(["train", "--model", "builtin", "--dataset", str(broken), "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--model", "tiny", "--dataset", str(broken), "--out", str(tmp_path / "r")]) == 2
     assert "has no images" in _one_sentence_error(capsys)
 
 
 def test_train_generate_evaluate_round_trip(dataset_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--model", "builtin", "--dataset", str(dataset_dir), "--method", "lora", "--steps", "6",
+    assert main(["train", "--model", "tiny", "--dataset", str(dataset_dir), "--method", "lora", "--steps", "6",
                  "--out", str(run), "--preset", "quick", "--set", "sample_every=3", "--set", "sample_steps=2",
                  "--set", "learning_rate=1e-2"]) == 0
     out = capsys.readouterr().out
@@ -77,16 +77,25 @@ def test_train_generate_evaluate_round_trip(dataset_dir, tmp_path, capsys):
     images = {}
     for name, adapter in (("base", []), ("adapted", ["--adapter", f"{run}:1.0"])):
         target = tmp_path / f"{name}.png"
-        assert main(["generate", "--model", "builtin", *adapter, "--prompt", "a photo of sks stuffed animal",
+        assert main(["generate", "--model", "tiny", *adapter, "--prompt", "a photo of sks stuffed animal",
                      "--seed", "3", "--steps", "3", "--out", str(target)]) == 0
         images[name] = np.asarray(Image.open(target), dtype=np.float32)
     assert np.abs(images["base"] - images["adapted"]).mean() > 0.5
 
     evals = tmp_path / "eval"
-    assert main(["evaluate", "--model", "builtin", "--runs", str(run), "--dataset", str(dataset_dir),
-                 "--out", str(evals), "--clip", "builtin", "--seeds", "1", "--steps", "2",
-                 "--context", "in a forest"]) == 0
-    assert (evals / "results.csv").exists() and (run / "eval" / "results.csv").exists()
+    assert main(["evaluate", "--model", "tiny", "--runs", str(run), "--dataset", str(dataset_dir),
+                 "--out", str(evals), "--clip", "tiny", "--dino", "tiny", "--seeds", "1", "--steps", "2",
+                 "--per-kind", "1", "--scales", "0.5,1", "--context", "in a forest"]) == 0
+    printed = capsys.readouterr().out
+    assert "Recommended:" in printed and "×0.5" in printed
+    for name in ("results.csv", "summary.csv", "recommendation.json", "tradeoff.html", "prompts.html", "grid.png"):
+        assert (evals / name).exists(), name
+    assert (run / "eval" / "results.csv").exists()
+    summary = (evals / "summary.csv").read_text()
+    assert main(["evaluate", "--rescore", str(evals)]) == 0  # from saved embeddings
+    assert (evals / "summary.csv").read_text() == summary
+    assert main(["evaluate", "--dataset", str(dataset_dir), "--out", str(evals), "--scales", "half"]) == 2
+    assert "--scales takes numbers" in _one_sentence_error(capsys)
 
 
 def test_generate_with_unknown_hub_model_is_one_sentence(tmp_path, capsys):
@@ -95,7 +104,7 @@ def test_generate_with_unknown_hub_model_is_one_sentence(tmp_path, capsys):
 
 
 def test_generate_with_bad_adapter_argument(tmp_path, capsys):
-    assert main(["generate", "--model", "builtin", "--adapter", f"{tmp_path}:strong", "--prompt", "x",
+    assert main(["generate", "--model", "tiny", "--adapter", f"{tmp_path}:strong", "--prompt", "x",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "RUN_DIR:SCALE" in _one_sentence_error(capsys)
 
@@ -103,7 +112,7 @@ def test_generate_with_bad_adapter_argument(tmp_path, capsys):
 def test_builtin_model_command_writes_a_loadable_diffusers_folder(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
-    out = tmp_path / "builtin"
+    out = tmp_path / "tiny"
     assert main(["builtin-model", str(out)]) == 0
     assert (out / "model_index.json").exists()
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)

@@ -27,15 +27,16 @@ def make_studio(workspace: Workspace | None = None) -> Studio:
 
 def build_app(studio: Studio | None = None) -> gr.Blocks:
     studio = studio or make_studio()
-    builtin = studio.default_model == "builtin"
+    # The built-in pocket model and the tiny test model draw 64-px images and have a CLIP of the same name.
+    builtin = studio.default_model in ("builtin", "tiny")
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}\nTeach Stable Diffusion your concept from a few photos, then see how well it worked.")
         with gr.Row():
             model_box = gr.Textbox(value=studio.default_model, label="Base model", scale=3, elem_id="model-box",
                                    info="a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-                                        "a local diffusers folder, or 'builtin'")
+                                        "a local diffusers folder, or 'builtin' (the pocket model: 64-px shapes)")
             gr.Markdown(studio.model_notice or "")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset"):
                 dataset_tab.build(studio, 64 if builtin else 512)
             with gr.Tab("Train", id="train") as train_page:
@@ -43,7 +44,7 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             with gr.Tab("Playground", id="playground") as play_page:
                 play = playground_tab.build(studio, model_box)
             with gr.Tab("Evaluate", id="evaluate") as eval_page:
-                ev = evaluate_tab.build(studio, model_box, "builtin" if builtin else "")
+                ev = evaluate_tab.build(studio, model_box, studio.default_model if builtin else "")
         # Opening a tab lists what is on disk now: a dataset saved or a run started a moment ago is offered.
         train_page.select(lambda cur: _datasets_update(studio, cur), [train["dataset"]], [train["dataset"]],
                           show_progress="hidden")
@@ -51,6 +52,9 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
                          None, play["pickers"], show_progress="hidden")
         eval_page.select(lambda cur: (gr.update(choices=studio.workspace.list_runs()), _datasets_update(studio, cur)),
                          [ev["dataset"]], [ev["runs"], ev["dataset"]], show_progress="hidden")
+        # The evaluation's recommendation, one click away: its run (or checkpoint) and scale in slot 1.
+        ev["open"].click(lambda rec: _open_recommendation(studio, rec), [ev["best"]],
+                         [tabs, play["pickers"][0], play["sliders"][0]], show_progress="hidden")
         app.load(lambda: _on_load(studio), None, [train["dataset"], train["runs"], *play["pickers"],
                                                    ev["runs"], ev["dataset"], ev["folder"]])
     return app
@@ -66,6 +70,15 @@ def _on_load(studio: Studio):
             *[gr.update(choices=runs) for _ in range(playground_tab.SLOTS)],
             gr.update(choices=runs), gr.update(choices=datasets, value=datasets[0] if datasets else None),
             evaluate_tab.latest_folder(studio))
+
+
+def _open_recommendation(studio: Studio, rec: dict | None):
+    if not rec:
+        return gr.update(), gr.update(), gr.update()
+    value = evaluate_tab.playground_value(rec)
+    runs = studio.workspace.list_runs()
+    return (gr.Tabs(selected="playground"), gr.update(choices=sorted(set(runs) | {value}), value=value),
+            gr.update(value=rec["scale"], visible=True))
 
 
 def _datasets_update(studio: Studio, current: str | None):

@@ -20,6 +20,20 @@ def for_display(image):
     return image.resize((image.width * factor, image.height * factor), resample=0)
 
 
+def choice_path(studio: Studio, value: str):
+    """A picker's value as a folder: 'run' is the run's final adapter, 'run@step-000015' that checkpoint."""
+    run_id, _, checkpoint = str(value).partition("@")
+    root = studio.workspace.run(run_id).root
+    if not checkpoint:
+        return root
+    folder = root / "checkpoints" / checkpoint
+    if folder.parent != root / "checkpoints" or not folder.is_dir():
+        from studio.errors import StudioError
+
+        raise StudioError(f"Run '{run_id}' has no checkpoint '{checkpoint}'; pick the run, or one of its checkpoints.")
+    return folder
+
+
 def has_scale(studio: Studio, run_id: str | None) -> bool:
     """Whether the run's adapter kind has a strength; unknown or unfinished runs keep the slider."""
     from studio.adapters import find_adapter_dir, read_meta
@@ -28,7 +42,7 @@ def has_scale(studio: Studio, run_id: str | None) -> bool:
     if not run_id:
         return True
     try:
-        return read_meta(find_adapter_dir(studio.workspace.run(run_id).root)).has_scale
+        return read_meta(find_adapter_dir(choice_path(studio, run_id))).has_scale
     except StudioError:
         return True
 
@@ -60,7 +74,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     def request(data):
         from studio.generate import AdapterChoice, GenerateRequest
 
-        choices = [AdapterChoice(str(studio.workspace.run(p).root), float(data[s]))
+        choices = [AdapterChoice(str(choice_path(studio, p)), float(data[s]))
                    for p, s in ((data[pk], sl) for pk, sl in zip(pickers, sliders)) if p]
         return GenerateRequest(data[prompt], data[model_box] or studio.default_model, choices, data[negative],
                                int(data[seed] or 0), int(data[steps]), float(data[guidance]))
@@ -89,4 +103,4 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     for slider in sliders:
         slider.release(on_scale, inputs, [adapted_image, timing], concurrency_id="gpu", trigger_mode="always_last")
     refresh.click(lambda: [gr.update(choices=studio.workspace.list_runs()) for _ in pickers], None, pickers)
-    return {"pickers": pickers, "sliders": sliders, "prompt": prompt}
+    return {"pickers": pickers, "sliders": sliders, "prompt": prompt, "generate": generate}

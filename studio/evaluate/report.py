@@ -1,0 +1,45 @@
+"""An evaluation's plots as files beside its tables: the trade-off and per-prompt heat map as HTML
+(plotly, loading plotly.js from its CDN), the sweep's image grid as PNG. Also the sentence that
+tells the user what the recommendation means, and whether the paper's reference numbers apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio import plots
+
+TRADEOFF_HTML = "tradeoff.html"
+HEATMAP_HTML = "prompts.html"
+GRID_PNG = "grid.png"
+
+
+def references_for(settings_clip: str | None, settings_dino: str | None) -> list[dict]:
+    """The DreamBooth paper's numbers, when the encoders are the real ones it used (not the pocket or
+    tiny models, whose cosines live on another scale)."""
+    from studio.evaluate.protocol import PAPER_REFERENCE
+
+    real = lambda source: bool(source) and "/" in source and not Path(source).exists()  # noqa: E731
+    return list(PAPER_REFERENCE) if real(settings_clip) and real(settings_dino) else []
+
+
+def write_report(out_dir: Path, summary, images, recommendation: dict | None) -> list[Path]:
+    out_dir = Path(out_dir)
+    settings = _settings(out_dir)
+    refs = references_for(settings.get("clip"), settings.get("dino"))
+    written = []
+    plots.tradeoff(summary, recommendation, refs).write_html(out_dir / TRADEOFF_HTML, include_plotlyjs="cdn")
+    written.append(out_dir / TRADEOFF_HTML)
+    plots.prompt_heatmap(images).write_html(out_dir / HEATMAP_HTML, include_plotlyjs="cdn")
+    written.append(out_dir / HEATMAP_HTML)
+    grid = plots.sweep_grid(images, out_dir)
+    if grid is not None:
+        grid.save(out_dir / GRID_PNG)
+        written.append(out_dir / GRID_PNG)
+    return written
+
+
+def _settings(out_dir: Path) -> dict:
+    import yaml
+
+    path = Path(out_dir) / "evaluation.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
