@@ -9,7 +9,6 @@ A checkpoint folder holds an adapter usable on its own (written by the adapter m
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 
 from studio import events as ev
 from studio.errors import StudioError
-from studio.paths import RunPaths
+from studio.paths import RunPaths, replace_atomically
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -33,14 +32,6 @@ class Saved:
     elapsed_s: float
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def trainable_state(pipe) -> dict:
     return {f"{component}.{name}": p.detach().to("cpu").contiguous()
             for component in COMPONENTS if getattr(pipe, component, None) is not None
@@ -52,11 +43,11 @@ def write_state(folder: Path, pipe, optimizer, scaler, step: int, elapsed_s: flo
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    _replace_atomically(folder / TRAINABLE, lambda p: save_file(trainable_state(pipe), str(p)))
-    _replace_atomically(folder / OPTIMIZER, lambda p: torch.save(optimizer.state_dict(), p))
+    replace_atomically(folder / TRAINABLE, lambda p: save_file(trainable_state(pipe), str(p)))
+    replace_atomically(folder / OPTIMIZER, lambda p: torch.save(optimizer.state_dict(), p))
     meta = {"step": step, "elapsed_s": float(elapsed_s),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-    _replace_atomically(folder / TRAINER, lambda p: p.write_text(yaml.safe_dump(meta), encoding="utf-8"))
+    replace_atomically(folder / TRAINER, lambda p: p.write_text(yaml.safe_dump(meta), encoding="utf-8"))
 
 
 def latest(paths: RunPaths) -> Saved | None:
@@ -107,4 +98,4 @@ def truncate_events(path: Path, step: int) -> None:
         return True
 
     kept = [e for e in ev.read_events(path) if keep(e)]
-    _replace_atomically(path, lambda p: p.write_text("".join(ev.to_json(e) + "\n" for e in kept), encoding="utf-8"))
+    replace_atomically(path, lambda p: p.write_text("".join(ev.to_json(e) + "\n" for e in kept), encoding="utf-8"))

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from studio.errors import StudioError
+from studio.paths import write_text_atomically
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -242,7 +243,7 @@ def build_config(preset: str | None = None, values: dict[str, Any] | None = None
 def save_config(cfg: TrainConfig | dict[str, Any], path: Path) -> None:
     data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_text_atomically(path, yaml.safe_dump(data, sort_keys=False))  # resume rewrites it: never half a file
 
 
 def load_run_config(path: Path) -> dict[str, Any]:

@@ -38,14 +38,69 @@ def staging(final: Path) -> Path:
 
 def swap_into_place(tmp: Path, final: Path) -> Path:
     """Replace `final` with the fully written `tmp` by renames, so no reader ever sees half a folder
-    and a failure before this point leaves the old `final` as it was."""
+    and a failure before this point leaves the old `final` as it was.
+
+    Every file of `tmp` is flushed to disk first (fsync), so a crash after the rename cannot leave
+    empty files behind a complete-looking name. Between the two renames `final` is briefly absent;
+    a process killed exactly there leaves `final.old-<pid>`, which `recover_folder` renames back.
+    """
+    _fsync_tree(tmp)
     old = final.with_name(f"{final.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover_folder(final: Path) -> Path:
+    """Undo what a kill between `swap_into_place`'s renames left: the previous folder comes back when
+    the new one never arrived. Half-written `.partial-*` folders are left for their writer to remove."""
+    final = Path(final)
+    if not final.exists():
+        olds = sorted(final.parent.glob(f"{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(final)
+    return final
+
+
+def replace_atomically(path: Path, write) -> None:
+    """Write a file through `write(tmp_path)`, flush it to disk, then rename it over `path`: a kill at
+    any moment leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every filesystem lets a folder be opened; the data files are synced anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def default_root() -> Path:

@@ -14,7 +14,7 @@ import yaml
 
 from studio.adapters import custom, embedding, full, lora, lycoris, pivotal
 from studio.errors import StudioError
-from studio.paths import ADAPTER_META
+from studio.paths import ADAPTER_META, recover_folder, write_text_atomically
 
 # kind -> module; a module may serve several kinds (LoRA and DoRA differ only in one flag).
 ADAPTERS = {kind: module for module in (lora, lycoris, embedding, pivotal, full, custom) for kind in module.KINDS}
@@ -47,7 +47,7 @@ class AdapterMeta:
 
 
 def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
-    (Path(adapter_dir) / ADAPTER_META).write_text(yaml.safe_dump(asdict(meta), sort_keys=False), encoding="utf-8")
+    write_text_atomically(Path(adapter_dir) / ADAPTER_META, yaml.safe_dump(asdict(meta), sort_keys=False))
 
 
 def read_meta(adapter_dir: Path) -> AdapterMeta:
@@ -67,6 +67,7 @@ def module_for(kind: str):
 def find_adapter_dir(path: Path) -> Path:
     """Accept a run folder, its adapter/ folder or a checkpoint folder."""
     path = Path(path)
+    recover_folder(path / "adapter")  # a kill while the final adapter was being replaced
     if (path / ADAPTER_META).exists():
         return path
     if (path / "adapter" / ADAPTER_META).exists():
