@@ -235,11 +235,24 @@ def test_outlier_flags_the_image_far_from_the_rest():
 
 
 def test_outlier_check_through_the_evaluation_embedder(photos_dir, tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from studio import models
+
+    clip = tmp_path / "clip"  # a tiny CLIP folder, loaded by path like any CLIP id
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=77),
+                         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2),
+                         projection_dim=16)).save_pretrained(clip)
+    CLIPTokenizer.from_pretrained(models.TOKENIZER_DIR).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
     src = tmp_path / "src"
     src.mkdir()
     for p in sorted(photos_dir.glob("*.jpg")):
         (src / p.name).write_bytes(p.read_bytes())
-    result = prep_folder(src, tmp_path / "ds", "sks", "toy", 64, audit_model="tiny")
+    result = prep_folder(src, tmp_path / "ds", "sks", "toy", 64, audit_model=str(clip))
     assert result.note == "" and len(result.spec.items) == 5
     assert all(f.kind == "outlier" for f in result.findings)  # it ran: no duplicates among five different shots
 
