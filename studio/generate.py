@@ -118,7 +118,8 @@ class Playground:
             self._unload(pipe, str(weights))
         name = "a" + hashlib.sha1(f"{weights}:{version}".encode()).hexdigest()[:12]
         try:
-            module.load_into(pipe, folder, name)
+            with models.CONSTRUCTION_LOCK:
+                module.load_into(pipe, folder, name)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise StudioError(f"The adapter in '{choice.path}' does not fit this base model (it was trained on "
                               f"'{meta.base_model}'); choose that model. ({exc.__class__.__name__})") from None

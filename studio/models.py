@@ -276,9 +276,22 @@ def pipeline_class(ref: ModelRef):
     return getattr(diffusers, PIPELINES[name])
 
 
+# diffusers loads models inside accelerate's `init_empty_weights`, which swaps nn.Module.register_parameter
+# for the whole process: a parameter another thread creates meanwhile (a LoRA layer of a training run,
+# a CLIP being loaded for an evaluation) lands on the meta device and breaks later. Everything that
+# loads or builds model layers holds this lock, so a training job, playground renders and evaluations
+# can share one process. Only construction is serialized; forward and backward passes run freely.
+CONSTRUCTION_LOCK = threading.RLock()
+
+
 def load_pipeline(ref: ModelRef, device: str = "cpu", dtype=None):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline for the reference (chosen by its
     model_index.json), or one sentence saying why it cannot load."""
+    with CONSTRUCTION_LOCK:
+        return _load_pipeline(ref, device, dtype)
+
+
+def _load_pipeline(ref: ModelRef, device: str, dtype):
     import torch
 
     quiet_libraries()

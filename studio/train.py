@@ -212,7 +212,8 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
             distributed.barrier(w)
     torch.manual_seed(cfg.seed)  # adapter initialisation
     adapter = adapters.module_for(cfg.method)
-    adapter.attach(pipe, cfg)
+    with models.CONSTRUCTION_LOCK:  # new layers: never while another thread loads a model
+        adapter.attach(pipe, cfg)
     if getattr(adapter, "TRAINS_TEXT", False) or cfg.train_text_encoder:  # the captions' encoding changes
         frozen.text, frozen.pooled = None, None
         frozen.token_ids = tokenize_all(pipe, frozen.captions, device)
@@ -515,7 +516,8 @@ def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
     export = getattr(adapter, "export", None)
     if export is None:
         return
-    reports = export(paths.adapter, pipe)
+    with models.CONSTRUCTION_LOCK:  # the checks build fresh copies of the model
+        reports = export(paths.adapter, pipe)
     write_reports(paths.adapter, reports)
     for report in reports:
         emit(events.Progress(step, step, report.summary()))

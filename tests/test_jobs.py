@@ -102,19 +102,22 @@ def test_cancel_without_a_job_is_a_no_op():
     assert JobManager().wait(0.1) is None
 
 
-@pytest.mark.parametrize("error, message", [
-    (StudioError("The dataset has no images; add photos."), "The dataset has no images; add photos."),
-    (ValueError("boom"), "ValueError: boom"),
+@pytest.mark.parametrize("error, message, logged", [
+    (StudioError("The dataset has no images; add photos."), "The dataset has no images; add photos.", False),
+    (ValueError("boom"), "ValueError: boom (details in {folder}/error.log)", True),
 ])
-def test_failing_work_marks_the_job_failed(manager, tmp_path, unhandled, error, message):
+def test_failing_work_marks_the_job_failed(manager, tmp_path, unhandled, error, message, logged):
     def work(should_stop):
         raise error
 
     job = manager.start("evaluate", "bear", tmp_path, work)
     manager.wait(TIMEOUT)
 
-    assert (job.status, job.message, job.result) == ("failed", message, None)
+    assert (job.status, job.message, job.result) == ("failed", message.format(folder=tmp_path), None)
     assert unhandled == []  # the exception stayed inside the job
+    assert (tmp_path / "error.log").exists() == logged  # an unexpected crash keeps its traceback
+    if logged:
+        assert "ValueError: boom" in (tmp_path / "error.log").read_text()
     after = manager.start("evaluate", "again", tmp_path, lambda stop: Outcome("completed", "ok"))
     manager.wait(TIMEOUT)
     assert after.status == "completed"
@@ -145,5 +148,58 @@ def test_evaluation_settings_are_checked():
     from studio.errors import StudioError
     from studio.evaluate.protocol import EvalConfig
 
-    with pytest.raises(StudioError, match="'seeds' must be at least 1"):
+    with pytest.raises(StudioError, match="'seeds' must be a whole number of at least 1"):
         EvalConfig(dataset="x", seeds=0)
+
+
+# ----------------------------------------------------------------------------- several sessions
+
+def test_other_sessions_jobs_wait_their_turn_with_a_position(manager, tmp_path):
+    gates = {name: threading.Event() for name in "abc"}
+    order = []
+
+    def work(name):
+        def run(should_stop):
+            order.append(name)
+            assert gates[name].wait(TIMEOUT)
+            return Outcome("completed", name)
+        return run
+
+    a = manager.start("train", "a", tmp_path, work("a"), owner="alice")
+    b = manager.start("evaluate", "b", tmp_path, work("b"), owner="bob")
+    c = manager.start("train", "c", tmp_path, work("c"), owner="carol")
+    assert (a.status, b.status, c.status) == ("running", "queued", "queued")
+    assert [manager.position(j) for j in (a, b, c)] == [0, 1, 2]
+    with pytest.raises(StudioError, match="'b'.*is waiting for the accelerator"):
+        manager.start("train", "b2", tmp_path, work("b"), owner="bob")  # one job per session
+    assert manager.current("bob") is b and manager.current("dave") is None
+    assert manager.cancel("carol") is True and c.status == "cancelled"  # a waiting job leaves the queue at once
+    gates["a"].set()
+    assert manager.wait(0.5) is not None  # returns while b still holds its gate
+    for _ in range(TIMEOUT * 100):
+        if b.running:
+            break
+        threading.Event().wait(0.01)
+    assert b.running and a.status == "completed" and manager.position(b) == 0  # the next in line started
+    gates["b"].set()
+    manager.wait(TIMEOUT)
+    assert order == ["a", "b"] and (b.status, c.status) == ("completed", "cancelled")  # carol's never ran
+
+
+def test_cancel_only_touches_the_callers_job(manager, tmp_path):
+    started, polls = threading.Event(), []
+
+    def work(should_stop):
+        started.set()
+        for _ in range(TIMEOUT * 100):
+            if should_stop():
+                return Outcome("cancelled", "stopped")
+            threading.Event().wait(0.01)
+        return Outcome("completed", "ran out")
+
+    job = manager.start("train", "mine", tmp_path, work, owner="alice")
+    assert started.wait(TIMEOUT)
+    assert manager.cancel("bob") is False and job.running  # another session cannot stop it
+    assert manager.cancel("alice") is True
+    manager.wait(TIMEOUT)
+    assert job.status == "cancelled"

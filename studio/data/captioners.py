@@ -45,7 +45,10 @@ def load_parts(model_id: str, task: str):
     try:
         model_cls = getattr(transformers, _TASKS[task])
         processor_cls = getattr(transformers, _PROCESSORS[task])
-        model = model_cls.from_pretrained(model_id, use_safetensors=True).eval()
+        from studio.models import CONSTRUCTION_LOCK
+
+        with CONSTRUCTION_LOCK:  # never while a training job or the Playground builds layers
+            model = model_cls.from_pretrained(model_id, use_safetensors=True).eval()
         processor = processor_cls.from_pretrained(model_id)
     except ImportError as exc:
         log.warning("Loading %s failed: %s", model_id, exc)

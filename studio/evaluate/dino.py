@@ -67,7 +67,8 @@ class DinoEmbedder:
 
         models.quiet_libraries()
         try:
-            self.model = AutoModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32).to(device).eval()
+            with models.CONSTRUCTION_LOCK:
+                self.model = AutoModel.from_pretrained(source, use_safetensors=True, dtype=torch.float32).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError):
             raise StudioError(f"DINO model '{source}' could not be loaded (offline, unknown id, or no safetensors "

@@ -8,13 +8,15 @@ import os
 import gradio as gr
 
 from studio.paths import Workspace
-from studio.ui import dataset_tab, evaluate_tab, playground_tab, train_tab
+from studio.ui import api, dataset_tab, evaluate_tab, playground_tab, train_tab
 from studio.ui.context import Studio
 
 TITLE = "Concept Studio"
 
 
-def make_studio(workspace: Workspace | None = None) -> Studio:
+def make_studio(workspace: Workspace | None = None, shared: bool | None = None) -> Studio:
+    """The studio of this process. Shared (one workspace per browser) when asked, when the app is
+    shared with a public link, on a Hugging Face Space (SPACE_ID is set), or with STUDIO_SESSIONS=1."""
     from studio import models
 
     ref_name, notice = os.environ.get("STUDIO_MODEL", ""), None
@@ -22,7 +24,9 @@ def make_studio(workspace: Workspace | None = None) -> Studio:
         ref_name = models.DEFAULT_HUB_MODEL if models.hub_reachable() else models.BUILTIN
         if ref_name == models.BUILTIN:
             notice = "The model hub cannot be reached, so the studio uses the built-in model."
-    return Studio(workspace or Workspace.default(), ref_name, notice)
+    if shared is None:
+        shared = bool(os.environ.get("SPACE_ID")) or os.environ.get("STUDIO_SESSIONS", "") not in ("", "0")
+    return Studio(workspace or Workspace.default(), ref_name, notice, shared=shared)
 
 
 def build_app(studio: Studio | None = None) -> gr.Blocks:
@@ -55,8 +59,11 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         # The evaluation's recommendation, one click away: its run (or checkpoint) and scale in slot 1.
         ev["open"].click(lambda rec: _open_recommendation(studio, rec), [ev["best"]],
                          [tabs, play["pickers"][0], play["sliders"][0]], show_progress="hidden")
-        app.load(lambda: _on_load(studio), None, [train["dataset"], train["runs"], *play["pickers"],
-                                                   ev["runs"], ev["dataset"], ev["folder"]])
+        api.register(studio)  # named endpoints for scripts (gradio_client), per session like a browser
+        # Each browser keeps a random token in its local storage; a shared studio maps it to a workspace.
+        token = gr.BrowserState(None, storage_key="concept-studio-session")
+        app.load(lambda saved: (studio.bind(saved), *_on_load(studio)), [token],
+                 [token, train["dataset"], train["runs"], *play["pickers"], ev["runs"], ev["dataset"], ev["folder"]])
     return app
 
 
@@ -89,9 +96,12 @@ def _datasets_update(studio: Studio, current: str | None):
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    studio = make_studio()
+    studio = make_studio(shared=True if share else None)
+    if studio.shared:
+        print("Each browser session gets its own workspace (under "
+              f"{studio.home.root / 'sessions'}); jobs from several sessions wait their turn.", flush=True)
     if studio.model_notice:
         print(studio.model_notice, flush=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(studio.workspace.root)])
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(studio.home.root)])

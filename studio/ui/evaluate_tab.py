@@ -84,6 +84,8 @@ def latest_folder(studio: Studio) -> str | None:
 
 
 def _start(studio: Studio, model, data: dict):
+    from pathlib import Path
+
     from studio.evaluate.protocol import EvalConfig, evaluate
     from studio.evaluate.report import write_report
 
@@ -94,7 +96,13 @@ def _start(studio: Studio, model, data: dict):
     except ValueError:
         raise gr.Error(f"Scales take numbers separated by commas, such as 0, 0.5, 1; got '{data['scales']}'.",
                        print_exception=False) from None
+    from studio.adapters import find_adapter_dir
+    from studio.data.dataset import load_dataset
+
+    load_dataset(studio.workspace.dataset(data["dataset"]).root)  # bad choices: one sentence now, no job
     run_dirs = [str(studio.workspace.run(r).root) for r in (data["runs"] or [])]
+    for run in run_dirs:
+        find_adapter_dir(Path(run))
     out = studio.workspace.evals / time.strftime("%Y%m%d-%H%M%S")
     cfg = EvalConfig(dataset=str(studio.workspace.dataset(data["dataset"]).root), runs=run_dirs, model=model,
                      clip=data["clip"], dino=data["dino"], kinds=[KIND_LABELS[k] for k in data["kinds"] or []],
@@ -131,6 +139,9 @@ def _view(studio: Studio, folder):
     if finished is None:
         if job is not None and job.kind == "evaluate" and job.status == "failed":
             return [f"Evaluation failed: {job.message}"] + keep[1:]
+        if job is not None and job.kind == "evaluate" and job.status == "queued":
+            return [f"Waiting for the accelerator: {studio.jobs.position(job)} job(s) ahead (other sessions' work)."] \
+                + keep[1:]
         progress = next((e for e in reversed(history) if isinstance(e, ev.Progress) and e.total), None)
         text = f"Generating {progress.done + 1}/{progress.total}: {progress.message}" if progress else "Loading models…"
         return [text] + keep[1:]

@@ -164,6 +164,9 @@ def _status_line(studio: Studio, run_id, steps, finished, history) -> str:
     job = studio.jobs.current()
     if finished is not None:
         return f"**{run_id}** — {finished.status}: {finished.message}"
+    if job is not None and job.label == run_id and job.status == "queued":
+        ahead = studio.jobs.position(job)
+        return f"**{run_id}** — waiting for the accelerator: {ahead} job(s) ahead of it (other sessions' work)."
     if not steps:
         notes = [e.message for e in history if isinstance(e, ev.Progress)]
         live = job is not None and job.label == run_id and job.running

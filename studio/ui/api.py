@@ -1,0 +1,81 @@
+"""Named API endpoints over the same core, for scripts driving a running studio with gradio_client
+(`Client(url).predict(..., api_name="/train")`). Each call sees its own session's workspace and
+jobs, like a browser tab: a shared studio keeps clients apart.
+
+    /workspace_lists ()                                    -> {"datasets": [...], "runs": [...]}
+    /train           (dataset, method, steps, model)       -> run id (the job runs or waits its turn)
+    /job_status      ()                                    -> {"kind", "label", "status", "position", "message"}
+    /cancel_job      ()                                    -> whether a job was cancelled
+    /render          (prompt, run, scale, seed, steps)     -> a PNG file of the adapted image
+    /evaluate_runs   (dataset, runs, seeds, steps)         -> the evaluation folder's name
+"""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from studio.ui.context import Studio, friendly
+
+
+def register(studio: Studio) -> None:
+    @friendly
+    def workspace_lists() -> dict:
+        return {"datasets": studio.workspace.list_datasets(), "runs": studio.workspace.list_runs()}
+
+    @friendly
+    def train(dataset: str, method: str = "lora", steps: int = 20, model: str = "") -> str:
+        from studio.config import build_config
+        from studio.train import prepare, run
+
+        cfg = build_config(values=dict(model=model or studio.default_model, method=method, steps=int(steps),
+                                       dataset=str(studio.workspace.dataset(dataset).root), sample_every=0))
+        paths = studio.workspace.run(studio.workspace.new_run_id(method))
+        prepare(cfg, paths.root)
+        studio.jobs.start("train", paths.run_id, paths.root, lambda should_stop: run(cfg, paths.root, should_stop=should_stop))
+        return paths.run_id
+
+    @friendly
+    def job_status() -> dict:
+        job = studio.jobs.current()
+        if job is None:
+            return {"kind": None, "label": None, "status": "none", "position": -1, "message": ""}
+        return {"kind": job.kind, "label": job.label, "status": job.status, "position": studio.jobs.position(job),
+                "message": job.message}
+
+    @friendly
+    def cancel_job() -> bool:
+        return studio.jobs.cancel()
+
+    @friendly
+    def render(prompt: str, run: str = "", scale: float = 1.0, seed: int = 0, steps: int = 20) -> str:
+        from studio.generate import AdapterChoice, GenerateRequest
+
+        choices = [AdapterChoice(str(studio.workspace.run(run).root), float(scale))] if run else []
+        image = studio.playground.generate(GenerateRequest(prompt, studio.default_model, choices, seed=int(seed),
+                                                           steps=int(steps)))
+        out = studio.workspace.root / "renders" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.perf_counter_ns()}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        return str(out)
+
+    @friendly
+    def evaluate_runs(dataset: str, runs: list[str], seeds: int = 1, steps: int = 2) -> str:
+        from studio.evaluate.protocol import EvalConfig, evaluate
+
+        from studio.data.dataset import load_dataset
+
+        load_dataset(studio.workspace.dataset(dataset).root)  # a missing dataset: one sentence now, not a failed job
+        out = studio.workspace.evals / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.perf_counter_ns() % 10**6}"
+        cfg = EvalConfig(dataset=str(studio.workspace.dataset(dataset).root),
+                         runs=[str(studio.workspace.run(r).root) for r in runs], model=studio.default_model,
+                         clip=studio.default_model if studio.default_model in ("builtin", "tiny") else "",
+                         dino="none", kinds=["context"], contexts=["in a forest"], seeds=int(seeds), steps=int(steps))
+        studio.jobs.start("evaluate", out.name, out,
+                          lambda should_stop: evaluate(cfg, out, should_stop=should_stop, playground=studio.playground))
+        return out.name
+
+    for fn in (workspace_lists, train, job_status, cancel_job, evaluate_runs):
+        gr.api(fn, api_name=fn.__name__)
+    gr.api(render, api_name="render", concurrency_id="gpu")
