@@ -65,7 +65,8 @@ class ClipEmbedder:
         models.quiet_libraries()
         self.source, self.notice = resolve_clip(name)
         try:
-            self.model = CLIPModel.from_pretrained(self.source, use_safetensors=True).to(device).eval()
+            with models.CONSTRUCTION_LOCK:  # see studio.models.CONSTRUCTION_LOCK
+                self.model = CLIPModel.from_pretrained(self.source, use_safetensors=True).to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(self.source)
             self.processor = CLIPImageProcessor.from_pretrained(self.source)
         except (OSError, ValueError):
