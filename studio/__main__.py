@@ -186,13 +186,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from studio.generate import GenerateRequest, Playground, parse_adapter_arg
+    from studio.generate import NOTICE, GenerateRequest, Playground, parse_adapter_arg
 
     req = GenerateRequest(args.prompt, args.model, [parse_adapter_arg(a) for a in args.adapter],
                           args.negative_prompt, args.seed, args.steps, args.guidance)
     image = Playground().generate(req)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
+    if image.info.get(NOTICE):
+        print(image.info[NOTICE])
     print(f"Wrote {args.out}")
     return 0
 

@@ -63,6 +63,20 @@ def _peft_scaled(module) -> bool:
     return module.HAS_SCALE and not hasattr(module, "set_scale")
 
 
+NOTICE = "studio_notice"  # key in a generated image's `info` for a sentence the user should see
+
+
+def truncation_notice(tokenizer, text: str, what: str = "The prompt") -> str | None:
+    """A sentence when `text` is longer than the text encoder reads (CLIP: 77 tokens), else None."""
+    limit = tokenizer.model_max_length
+    n = len(tokenizer(text, truncation=False).input_ids)
+    if n <= limit:
+        return None
+    kept = tokenizer.decode(tokenizer(text, truncation=True, max_length=limit).input_ids, skip_special_tokens=True)
+    return (f"{what} is {n} tokens long and the text encoder reads {limit}, so it was cut after "
+            f"\"…{kept[-40:].strip()}\"; shorten it to keep the rest.")
+
+
 def _model_folder(choice: AdapterChoice) -> str | None:
     """The model folder of a fully fine-tuned run, or None for an adapter."""
     folder = adapters.find_adapter_dir(Path(choice.path))
@@ -173,9 +187,13 @@ class Playground:
             size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
             generator = torch.Generator().manual_seed(int(req.seed))
             with torch.no_grad():
-                return pipe(req.prompt, negative_prompt=req.negative_prompt or None, height=size, width=size,
-                            num_inference_steps=int(req.steps), guidance_scale=float(req.guidance),
-                            generator=generator).images[0]
+                image = pipe(req.prompt, negative_prompt=req.negative_prompt or None, height=size, width=size,
+                             num_inference_steps=int(req.steps), guidance_scale=float(req.guidance),
+                             generator=generator).images[0]
+            notice = truncation_notice(pipe.tokenizer, req.prompt)
+            if notice:
+                image.info[NOTICE] = notice
+            return image
 
     def generate_pair(self, req: GenerateRequest):
         """(base, adapted) for the same seed: the base is the base model with no adapter of any kind."""

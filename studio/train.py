@@ -27,6 +27,7 @@ from studio.config import TrainConfig, build_config, load_run_config, save_confi
 from studio.data.captions import render
 from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset, load_pixels
 from studio.errors import StudioError
+from studio.generate import truncation_notice
 from studio.objectives import diffusion_target, instance_loss, min_snr_weights, prior_preservation_loss
 from studio.paths import RunPaths
 
@@ -204,6 +205,11 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
     pipe = models.load_pipeline(ref, device, dtype)
     data = [ConceptDataset(Path(d), cfg.resolution) for d in [cfg.dataset, *cfg.extra_datasets]]
     frozen = _cache_frozen(pipe, data, device, dtype, cfg.flip_p > 0)
+    long = [c for c in frozen.captions if truncation_notice(pipe.tokenizer, c)]
+    if long:
+        emit(events.Progress(state["step"], cfg.steps, f"{len(long)} caption(s) are longer than the text encoder "
+                             f"reads ({pipe.tokenizer.model_max_length} tokens) and are cut there; the first: "
+                             f"'{long[0][:60]}…'."))
     if cfg.prior_preservation:  # drawn by the base model, so before any adapter is attached
         if not w.main:
             distributed.barrier(w)  # rank 0 draws the class images into the cache first

@@ -6,6 +6,7 @@ import time
 
 import gradio as gr
 
+from studio.generate import NOTICE
 from studio.ui.context import Studio, friendly
 
 SLOTS = 3  # adapters stacked at once; each has its own scale slider
@@ -84,7 +85,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         req = request(data)
         start = time.perf_counter()
         base, adapted = studio.playground.generate_pair(req)
-        return for_display(base), for_display(adapted), f"Base and adapted rendered in {time.perf_counter() - start:.2f} s."
+        note = adapted.info.get(NOTICE)
+        return for_display(base), for_display(adapted), (f"Base and adapted rendered in {time.perf_counter() - start:.2f} s."
+                                                         + (f" {note}" if note else ""))
 
     @friendly
     def on_scale(data):
@@ -93,8 +96,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         set_s = studio.playground.set_scales(req.model, req.adapters)
         start = time.perf_counter()
         adapted = studio.playground.generate(req)
+        note = adapted.info.get(NOTICE)
         return for_display(adapted), (f"Scale applied in {set_s * 1000:.1f} ms (no reload); image in "
-                         f"{time.perf_counter() - start:.2f} s.")
+                         f"{time.perf_counter() - start:.2f} s." + (f" {note}" if note else ""))
 
     generate.click(on_generate, inputs, [base_image, adapted_image, timing], concurrency_id="gpu")
     for picker, slider in zip(pickers, sliders):  # an embedding or a full model has no strength to set
