@@ -138,3 +138,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset_dir
     assert saved == ["step-000004"]  # the last good checkpoint, intact
     state = load_file(str(tmp_path / "run" / "checkpoints" / "step-000004" / "trainable.safetensors"))
     assert state and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_out_of_memory_mid_run_is_one_sentence_and_the_checkpoint_stays(dataset_dir, tiny_model, tmp_path, monkeypatch):
+    real = train._Stepper.__call__
+
+    def runs_out(self, step):
+        if step == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, step)
+
+    monkeypatch.setattr(train._Stepper, "__call__", runs_out)
+    result = train.run(build_config(values=dict(model="tiny", dataset=str(dataset_dir), **SETTINGS)), tmp_path / "run")
+    assert result.status == "failed" and result.step == 5
+    assert result.message.startswith("The device ran out of memory;") and "\n" not in result.message
+    assert "gradient checkpointing" in result.message and "resume" in result.message
+    assert (tmp_path / "run" / "checkpoints" / "step-000004" / "trainer.yaml").exists()
+    monkeypatch.setattr(train._Stepper, "__call__", real)
+    resumed = train.resume(tmp_path / "run")  # what the sentence says to do works
+    assert resumed.status == "completed" and resumed.step == STEPS
