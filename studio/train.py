@@ -123,7 +123,9 @@ def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
 
 
 def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
-        should_stop: Callable[[], bool] | None = None) -> RunResult:
+        should_stop: Callable[[], bool] | None = None, pause_after_s: float | None = None) -> RunResult:
+    """Train from step 0. `pause_after_s`: stop with a checkpoint (status "paused") once this many
+    seconds of steps have run, for hosts that lend a GPU in timed calls; `resume` continues."""
     w = distributed.world()
     distributed.setup(w)
     cfg, spec, ref = prepare(cfg, run_dir)
@@ -135,7 +137,7 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     emit(events.Started(paths.run_id, cfg.steps))
     if ref.notice:
         emit(events.Progress(0, cfg.steps, ref.notice))
-    return _guarded(cfg, spec, ref, paths, emit, should_stop, None)
+    return _guarded(cfg, spec, ref, paths, emit, should_stop, None, pause_after_s)
 
 
 def _emitter(paths: RunPaths, on_event, w: distributed.World):
@@ -144,7 +146,7 @@ def _emitter(paths: RunPaths, on_event, w: distributed.World):
 
 
 def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-           steps: int | None = None) -> RunResult:
+           steps: int | None = None, pause_after_s: float | None = None) -> RunResult:
     """Continue a run from its last checkpoint: same step count, optimizer state and loss curve.
 
     Args:
@@ -173,14 +175,14 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
         checkpoints.truncate_events(paths.events, last.step)  # the curve continues from the checkpoint
     emit = _emitter(paths, on_event, w)
     emit(events.Progress(last.step, cfg.steps, f"Resumed from step {last.step} of {cfg.steps}."))
-    return _guarded(cfg, spec, ref, paths, emit, should_stop, last)
+    return _guarded(cfg, spec, ref, paths, emit, should_stop, last, pause_after_s)
 
 
-def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from) -> RunResult:
+def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from, pause_after_s=None) -> RunResult:
     """Run the loop; whatever goes wrong ends as one Finished event with one sentence."""
     state = {"step": resume_from.step if resume_from else 0}
     try:
-        return _train(cfg, spec, ref, paths, emit, should_stop or (lambda: False), state, resume_from)
+        return _train(cfg, spec, ref, paths, emit, should_stop or (lambda: False), state, resume_from, pause_after_s)
     except StudioError as exc:
         message = str(exc)
     except torch.OutOfMemoryError:
@@ -194,7 +196,7 @@ def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from) ->
     return RunResult(paths.root, "failed", state["step"], None, message)
 
 
-def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunResult:
+def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_after_s=None) -> RunResult:
     w = distributed.world()
     device = models.pick_device()
     if device == "cuda" and w.parallel:
@@ -238,9 +240,14 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
         checkpoints.restore(resume_from, pipe, optimizer, schedule, stepper.scaler)
     start, status = time.perf_counter() - (resume_from.elapsed_s if resume_from else 0.0), "completed"
     pipe.unet.train()
+    chunk_start, first_step = time.perf_counter(), state["step"]
     while state["step"] < cfg.steps:
         if should_stop():
             status = "cancelled"
+            break
+        if (pause_after_s is not None and state["step"] > first_step
+                and time.perf_counter() - chunk_start >= pause_after_s):
+            status = "paused"
             break
         loss = stepper(state["step"] + 1)
         if not math.isfinite(loss):
@@ -254,6 +261,13 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from) -> RunR
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, step, elapsed)
         if w.main and step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
             _samples(pipe, cfg, spec, paths, step, emit)
+    if status == "paused":  # what resume needs, and nothing else: the next call continues
+        if w.main:
+            _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
+        distributed.barrier(w)
+        message = f"Paused at step {state['step']} of {cfg.steps} to fit the GPU time limit; it continues next."
+        emit(events.Finished("paused", state["step"], message))
+        return RunResult(paths.root, "paused", state["step"], None, message)
     if w.main:  # every rank holds the same weights; one writes them
         _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
         _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)

@@ -86,6 +86,7 @@ def latest_folder(studio: Studio) -> str | None:
 def _start(studio: Studio, model, data: dict):
     from pathlib import Path
 
+    from studio import hosting
     from studio.evaluate.protocol import EvalConfig, evaluate
     from studio.evaluate.report import write_report
 
@@ -111,7 +112,7 @@ def _start(studio: Studio, model, data: dict):
                      checkpoints=data["checkpoints"])
 
     def work(should_stop):
-        result = evaluate(cfg, out, should_stop=should_stop, playground=studio.playground)
+        result = evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))
         if result.status == "completed":
             write_report(out, result.table, result.images, result.recommendation)
         return result

@@ -6,7 +6,7 @@ import time
 
 import gradio as gr
 
-from studio.generate import NOTICE
+from studio import hosting
 from studio.ui.context import Studio, friendly
 
 SLOTS = 3  # adapters stacked at once; each has its own scale slider
@@ -84,7 +84,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     def on_generate(data):
         req = request(data)
         start = time.perf_counter()
-        base, adapted = studio.playground.generate_pair(req)
+        base, adapted = hosting.gpu(studio.playground.generate_pair, 60)(req)  # one GPU call on ZeroGPU
+        from studio.generate import NOTICE
+
         note = adapted.info.get(NOTICE)
         return for_display(base), for_display(adapted), (f"Base and adapted rendered in {time.perf_counter() - start:.2f} s."
                                                          + (f" {note}" if note else ""))
@@ -95,7 +97,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         req = request(data)
         set_s = studio.playground.set_scales(req.model, req.adapters)
         start = time.perf_counter()
-        adapted = studio.playground.generate(req)
+        adapted = hosting.gpu(studio.playground.generate, 60)(req)
+        from studio.generate import NOTICE
+
         note = adapted.info.get(NOTICE)
         return for_display(adapted), (f"Scale applied in {set_s * 1000:.1f} ms (no reload); image in "
                          f"{time.perf_counter() - start:.2f} s." + (f" {note}" if note else ""))

@@ -83,8 +83,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
 
 def _start(studio: Studio, data, dataset, preset, method, model_box, fields, name) -> str:
+    from studio import hosting
     from studio.config import build_config
-    from studio.train import prepare, run
+    from studio.train import prepare
 
     if not data[dataset]:
         raise gr.Error("Choose a dataset first (save one in the Dataset tab).", print_exception=False)
@@ -104,8 +105,8 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
     cfg = build_config(chosen, edits)
     run_paths = studio.workspace.run(studio.workspace.new_run_id(name or cfg.method))
     prepare(cfg, run_paths.root)  # bad input fails here, in the page, before a thread starts
-    studio.jobs.start("train", run_paths.run_id, run_paths.root,
-                      lambda should_stop: run(cfg, run_paths.root, should_stop=should_stop))
+    studio.jobs.start("train", run_paths.run_id, run_paths.root,  # in ZeroGPU-sized chunks on such a Space
+                      lambda should_stop: hosting.train_job(cfg, run_paths.root, should_stop))
     return run_paths.run_id
 
 
@@ -117,9 +118,8 @@ def _dataset_path(studio: Studio, choice: str):
 
 
 def _resume(studio: Studio, run_id: str | None) -> str:
-    from studio import checkpoints
+    from studio import checkpoints, hosting
     from studio.config import load_run_config
-    from studio.train import resume
 
     if not run_id:
         raise gr.Error("Choose the run to resume in 'Run shown'.", print_exception=False)
@@ -132,7 +132,8 @@ def _resume(studio: Studio, run_id: str | None) -> str:
     if last.step >= total:
         raise gr.Error(f"Run '{run_id}' already finished its {total} steps; to train longer run "
                        f"`python -m studio train --resume {paths.root} --steps N`.", print_exception=False)
-    studio.jobs.start("train", run_id, paths.root, lambda should_stop: resume(paths.root, should_stop=should_stop))
+    studio.jobs.start("train", run_id, paths.root,
+                      lambda should_stop: hosting.train_job(None, paths.root, should_stop, resume=True))
     return f"**{run_id}** — resuming from step {last.step}…"
 
 
