@@ -61,6 +61,8 @@ class TrainConfig:
     noise_offset: float = _help("Offset noise (Guttenberg 2023) for darker darks and brighter brights; ~0.05, 0 is off.", 0.0)
     gradient_accumulation_steps: int = _help("Average gradients over this many batches per optimizer step.", 1)
     gradient_checkpointing: bool = _help("Recompute UNet activations in the backward pass: less memory, ~30% slower.", False)
+    fit_memory: bool = _help("On a GPU, first probe two steps and a sample; if they do not fit, switch on "
+                             "gradient checkpointing, 8-bit Adam, then smaller batches with accumulation.", True)
     flip_p: float = _help("Probability of a horizontal flip per image per step (0 for asymmetric subjects, e.g. text).", 0.0)
     repeats: int = _help("How many times each image counts per epoch (weights images when mixing datasets).", 1)
     optimizer: Optimizer = _help("'adamw8bit' (bitsandbytes, GPU only) stores optimizer state in 8 bits.", "adamw")

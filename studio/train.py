@@ -129,6 +129,11 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     w = distributed.world()
     distributed.setup(w)
     cfg, spec, ref = prepare(cfg, run_dir)
+    fitted = []
+    if not w.parallel:  # on a GPU: probe the settings, and switch on what helps if they do not fit
+        from studio import memory
+
+        cfg, fitted = memory.preflight(cfg)
     distributed.barrier(w)  # every rank has checked the folder is new before rank 0 writes into it
     paths = RunPaths(Path(run_dir))
     if w.main:
@@ -137,6 +142,8 @@ def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
     emit(events.Started(paths.run_id, cfg.steps))
     if ref.notice:
         emit(events.Progress(0, cfg.steps, ref.notice))
+    if fitted:
+        emit(events.Progress(0, cfg.steps, " ".join(fitted)))
     return _guarded(cfg, spec, ref, paths, emit, should_stop, None, pause_after_s)
 
 
