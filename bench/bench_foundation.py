@@ -80,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scale-calls", type=int, help="timed set_scales calls (default 50; quick 20)")
     p.add_argument("--reloads", type=int, help="timed full adapter reloads (default 10; quick 5)")
     p.add_argument("--app-repeats", type=int, help="starts of each app (default 3; quick 2)")
+    p.add_argument("--render-rounds", type=int, help="interleaved playground/bare renders (default 8; quick 3)")
+    p.add_argument("--render-steps", type=int, default=20, help="denoising steps per render (default 20)")
     p.add_argument("--app-timeout", type=float, default=120.0, help="seconds to wait for a page (default 120)")
     p.add_argument("--threads", type=int, help="torch intra-op threads for every loop (default: torch's own)")
     p.add_argument("--max-load", type=float, default=0.25,
@@ -92,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (runs, logs) and print it")
     args = p.parse_args()
     defaults = dict(steps=(12, 40), warmup=(3, 5), rounds=(2, 4), batch_sizes=([1], [1, 2]),
-                    scale_calls=(20, 50), reloads=(5, 10), app_repeats=(2, 3))
+                    scale_calls=(20, 50), reloads=(5, 10), app_repeats=(2, 3), render_rounds=(3, 8))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -386,6 +388,88 @@ def bench_scales(args, runs: list[Path]) -> tuple[list[Row], list[str]]:
     return rows, details
 
 
+# ============================================================================ 4. playground render
+
+def bench_render(args, runs: list[Path]) -> tuple[list[Row], list[str]]:
+    """Playground.generate with one adapter at 0.8 against a bare pipeline with the same LoRA file loaded
+    by load_lora_weights at the same scale, same prompt, seed and steps; interleaved rounds."""
+    import numpy as np
+    import torch
+
+    from studio import models
+    from studio.generate import AdapterChoice, GenerateRequest, Playground
+    from studio.paths import LORA_WEIGHTS
+
+    prompt, steps = "a photo of sks stuffed animal in a forest", args.render_steps
+    playground = Playground()
+    request = GenerateRequest(prompt, "builtin", [AdapterChoice(str(runs[0]), 0.8)], seed=1, steps=steps)
+    bare = models.load_pipeline(models.resolve("builtin"))
+    bare.load_lora_weights(str(runs[0] / "adapter"), weight_name=LORA_WEIGHTS, adapter_name="a")
+    bare.set_adapters(["a"], adapter_weights=[0.8])
+    size = bare.unet.config.sample_size * bare.vae_scale_factor
+
+    def bare_call():
+        return bare(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                    generator=torch.Generator().manual_seed(1)).images[0]
+
+    playground.generate(request), bare_call()  # warm-up: loads, first-call allocations
+    same = bool(np.abs(np.asarray(playground.generate(request), dtype=np.int16)
+                       - np.asarray(bare_call(), dtype=np.int16)).max() <= 1)
+    studio_t, bare_t, loads = [], [], []
+    for r in range(args.render_rounds):
+        wait_for_quiet(args.max_load, args.quiet_wait)
+        mark = cpu_mark()
+        for name in (("studio", "bare") if r % 2 == 0 else ("bare", "studio")):
+            start = time.perf_counter()
+            playground.generate(request) if name == "studio" else bare_call()
+            (studio_t if name == "studio" else bare_t).append(time.perf_counter() - start)
+        loads.append(other_load(mark, cpu_mark()))
+    studio_ms, bare_ms = median_ms(studio_t), median_ms(bare_t)
+    noisy = min(loads) > args.max_load
+    row = Row(f"playground render, {steps} steps, LoRA at 0.8 vs bare pipe(...)", "ms", studio_ms, bare_ms,
+              "<= 1.03x", studio_ms / bare_ms <= 1.03, "" if same else "images differ from the bare pipeline's",
+              noisy)
+    details = [f"render: studio {', '.join(f'{1000 * t:.0f}' for t in studio_t)} ms; bare "
+               f"{', '.join(f'{1000 * t:.0f}' for t in bare_t)} ms; same image as the bare pipeline: {same}; "
+               f"outside load per round {', '.join(f'{x:.2f}' for x in loads)} cores"]
+    return [row], details
+
+
+# ============================================================================ 5. evaluation re-plot
+
+def bench_rescore(args, work: Path, runs: list[Path]) -> tuple[list[Row], list[str]]:
+    """A small evaluation of one run, then the same tables and plots again from its stored embeddings."""
+    from studio.evaluate.protocol import EvalConfig, evaluate, rescore
+    from studio.evaluate.report import write_report
+    from studio.generate import Playground
+
+    class Counting(Playground):
+        calls = 0
+
+        def generate(self, req):
+            Counting.calls += 1
+            return super().generate(req)
+
+    cfg = EvalConfig(dataset=str(work / "datasets" / "bear"), runs=[str(runs[0])], model="builtin", clip="builtin",
+                     dino="none", per_kind=2, seeds=1, steps=args.render_steps, scales=[0.5, 1.0])
+    out = work / "evals" / "bench"
+    wait_for_quiet(args.max_load, args.quiet_wait)
+    start = time.perf_counter()
+    result = evaluate(cfg, out, playground=Counting())
+    write_report(out, result.table, result.images, result.recommendation)
+    full_s = time.perf_counter() - start
+    generated = Counting.calls
+    start = time.perf_counter()
+    again = rescore(out)
+    write_report(out, again.table, again.images, again.recommendation)
+    rescore_s = time.perf_counter() - start
+    same = again.table["clip_i"].round(6).tolist() == result.table["clip_i"].round(6).tolist()
+    row = Row("evaluation re-plot from stored embeddings vs full evaluation", "s", rescore_s, full_s, "no regeneration",
+              Counting.calls == generated and same, f"images generated by the evaluation: {generated}; by the "
+              f"re-plot: {Counting.calls - generated}; same numbers: {same}")
+    return [row], [f"evaluation {full_s:.1f} s ({generated} images); re-plot {rescore_s:.2f} s"]
+
+
 # ============================================================================ 3. app start
 
 BARE_APP = """\
@@ -556,6 +640,11 @@ def main() -> None:
         print("2. scale change time", flush=True)
         scale_rows, scale_details = bench_scales(args, runs)
         rows, details = rows + scale_rows, details + scale_details
+        print("4. playground render against a bare pipeline", flush=True)
+        render_rows, render_details = bench_render(args, runs)
+        print("5. evaluation re-plot from stored embeddings", flush=True)
+        eval_rows, eval_details = bench_rescore(args, work, runs)
+        rows, details = rows + render_rows + eval_rows, details + render_details + eval_details
         if not args.skip_app:
             print("3. time until the page is served", flush=True)
             app_rows, app_details = bench_app(args, work)
