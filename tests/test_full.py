@@ -16,33 +16,22 @@ from studio.adapters import checks, full
 from studio.config import build_config
 from studio.errors import StudioError
 from studio.paths import RunPaths
+from tests.helpers import loaded_pipeline
 
 PROMPT = "a photo of sks stuffed animal"
 STEPS = 3
 
 
 def config(dataset_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), method="full", steps=STEPS, learning_rate=1e-3,
+    base = dict(model="tiny", dataset=str(dataset_dir), method="full", steps=STEPS, learning_rate=1e-3,
                 sample_every=0, sample_prompts=[], checkpoint_every=2)
     return build_config(values={**base, **values})
 
 
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
-def full_run(dataset_dir, builtin_model, tmp_path_factory):
+def full_run(dataset_dir, tiny_model, tmp_path_factory):
     """A 3-step full fine-tune (checkpoint at step 2); the trained in-memory pipeline and the weights before."""
-    seen, real_load = {}, models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_pipeline", spy)
+    with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir), tmp_path_factory.mktemp("full") / "run")
     assert result.status == "completed", result.message
     return result.run_dir, seen["pipe"], seen["before"]
@@ -78,7 +67,7 @@ def test_every_unet_weight_trains_and_nothing_else(full_run):
         assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
 
 
-def test_dreambooth_is_full_plus_prior_preservation(dataset_dir, builtin_model, tmp_path, monkeypatch):
+def test_dreambooth_is_full_plus_prior_preservation(dataset_dir, tiny_model, tmp_path, monkeypatch):
     drawn, real = [], prior.class_images
     monkeypatch.setattr(prior, "class_images", lambda *a, **k: drawn.extend(real(*a, **k)) or list(drawn))
     result = train.run(config(dataset_dir, steps=2, checkpoint_every=0, prior_preservation=True,
@@ -99,7 +88,7 @@ def test_saved_folder_is_a_diffusers_model_that_draws_the_same_image(full_run):
     reloaded = plain_pipeline(adapter_dir)
     ours, theirs = render(pipe), render(reloaded)
     assert np.abs(ours - theirs).max() <= 1
-    assert np.abs(ours - render(plain_pipeline(models.resolve("builtin").source))).max() > 1  # it did train
+    assert np.abs(ours - render(plain_pipeline(models.resolve("tiny").source))).max() > 1  # it did train
 
 
 def test_studio_accepts_it_as_a_base_model(full_run):
@@ -111,9 +100,9 @@ def test_studio_accepts_it_as_a_base_model(full_run):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_loading_it_as_an_adapter_explains_what_to_do(full_run, builtin_model):
+def test_loading_it_as_an_adapter_explains_what_to_do(full_run, tiny_model):
     with pytest.raises(StudioError, match="base model"):
-        full.load_into(plain_pipeline(builtin_model), RunPaths(full_run[0]).adapter, "x")
+        full.load_into(plain_pipeline(tiny_model), RunPaths(full_run[0]).adapter, "x")
 
 
 # ----------------------------------------------------------------------------- single-file export
@@ -158,15 +147,15 @@ def test_single_file_reads_back_through_from_single_file(full_run):
     assert reports[0].ok, reports[0].summary()
 
 
-def test_the_loader_takes_weights_from_the_file_not_the_config_folder(full_run, builtin_model, tmp_path):
+def test_the_loader_takes_weights_from_the_file_not_the_config_folder(full_run, tiny_model, tmp_path):
     """With the untrained base model as config folder the check still passes: the weights came from the file."""
     run_dir, pipe, _ = full_run
     path = RunPaths(run_dir).adapter / full.SINGLE_FILE
-    assert full.check_single_file(path, pipe, config_dir=builtin_model).ok
+    assert full.check_single_file(path, pipe, config_dir=tiny_model).ok
     sd = load_file(str(path))
     sd["model.diffusion_model.out.2.bias"] = sd["model.diffusion_model.out.2.bias"] + 0.1
     save_file(sd, str(tmp_path / "shifted.safetensors"))
-    report = full.check_single_file(tmp_path / "shifted.safetensors", pipe, config_dir=builtin_model)
+    report = full.check_single_file(tmp_path / "shifted.safetensors", pipe, config_dir=tiny_model)
     assert not report.ok and report.max_abs_diff == pytest.approx(0.1, abs=1e-3)
 
 
@@ -209,17 +198,9 @@ def test_no_single_file_for_a_layout_it_does_not_know(tmp_path):
 # ----------------------------------------------------------------------------- text encoder (DreamBooth option)
 
 @pytest.fixture(scope="module")
-def te_run(dataset_dir, builtin_model, tmp_path_factory):
+def te_run(dataset_dir, tiny_model, tmp_path_factory):
     """DreamBooth with the text encoder: full UNet + text encoder, prior preservation, 3 steps."""
-    seen, real_load = {}, models.load_pipeline
-
-    def spy(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        seen["pipe"], seen["before"] = pipe, {n: snapshot(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")}
-        return pipe
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_pipeline", spy)
+    with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir, train_text_encoder=True, prior_preservation=True,
                                   num_class_images=2, class_image_steps=2), tmp_path_factory.mktemp("te") / "run")
     assert result.status == "completed", result.message
@@ -269,7 +250,7 @@ def test_resume_restores_the_text_encoder_too(te_run, tmp_path):
         assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-6, name
 
 
-def test_prior_term_reaches_a_trained_text_encoder(dataset_dir, builtin_model, tmp_path):
+def test_prior_term_reaches_a_trained_text_encoder(dataset_dir, tiny_model, tmp_path):
     """With the text encoder training, class prompts are encoded by it every step, so the prior-preservation
     term has a gradient on the encoder; with a frozen encoder there is nothing for it to reach."""
     cfg, spec, ref = train.prepare(config(dataset_dir, train_text_encoder=True, prior_preservation=True,
