@@ -1,10 +1,15 @@
-"""Base models: resolve a reference (hub id, local folder, 'builtin', 'builtin-sdxl'), load it, pick
+"""Base models: resolve a reference (hub id, local folder, 'builtin', 'tiny', 'builtin-sdxl'), load it, pick
 device and dtype.
 
-The built-in models are small Stable-Diffusion-architecture models (SD 1.x and SDXL) with random
-weights, written as ordinary diffusers folders and loaded through the same ``from_pretrained`` call
-as real checkpoints, so every code path that serves SD 1.5 or SDXL serves them too. They are for
-tests and demos: their images are noise-like, not pictures.
+'builtin' is the pocket model shipped in assets/pocket-sd: a small Stable Diffusion (VAE, CLIP text
+encoder with the real CLIP vocabulary, UNet) trained on the pocket world of 64-px shapes
+(studio/pocket, scripts/train_pocket.py). It follows prompts such as "a big red star on a white
+background" and is what the studio uses when no hub can be reached.
+
+'tiny' and 'builtin-sdxl' are tiny SD 1.x and SDXL models with random weights, written as diffusers
+folders on first use: they exercise every code path in a fraction of a second (the tests use them),
+but their images are noise. All of them load through the same ``from_pretrained`` call as real
+checkpoints.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from typing import Any
 from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
-BUILTIN = "builtin"
+BUILTIN = "builtin"  # the shipped pocket model
+TINY = "tiny"  # a tiny random-weight SD 1.x model for tests
 BUILTIN_SDXL = "builtin-sdxl"  # a tiny SDXL (two text encoders, pooled text, time ids) for tests
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
-# Bump when the built-in model's definition changes, so cached copies are rewritten.
-BUILTIN_VERSION = 1
+POCKET_DIR = ASSETS / "pocket-sd"
+# Bump when the tiny model's definition changes, so cached copies are rewritten.
+TINY_VERSION = 1
 BUILTIN_MARKER = "studio_builtin.json"
 BUILTIN_RESOLUTION = 64
 BUILTIN_SDXL_VERSION = 1
@@ -57,20 +64,28 @@ def hub_reachable(timeout_s: float = 1.5) -> bool:
         return False
 
 
-def builtin_dir() -> Path:
-    """Where the built-in model is written on first use (one copy per machine, not per workspace)."""
+def cache_root() -> Path:
+    """The studio's machine-wide cache (generated models, class images): $STUDIO_CACHE or ~/.cache/concept-studio."""
     cache = os.environ.get("STUDIO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "concept-studio")
-    return Path(cache) / "builtin-model"
+    return Path(cache)
+
+
+def tiny_dir() -> Path:
+    """Where the tiny model is written on first use (one copy per machine, not per workspace)."""
+    return cache_root() / "tiny-model"
 
 
 def builtin_sdxl_dir() -> Path:
-    return builtin_dir().parent / "builtin-sdxl-model"
+    return cache_root() / "builtin-sdxl-model"
 
 
 def builtin_version(name: str) -> str | None:
     """A key that changes when a built-in model's weights change (None for other models)."""
-    return {BUILTIN: f"builtin-v{BUILTIN_VERSION}", BUILTIN_SDXL: f"builtin-sdxl-v{BUILTIN_SDXL_VERSION}"}.get(name)
+    from studio.pocket import POCKET_VERSION
+
+    return {BUILTIN: f"pocket-v{POCKET_VERSION}", TINY: f"tiny-v{TINY_VERSION}",
+            BUILTIN_SDXL: f"builtin-sdxl-v{BUILTIN_SDXL_VERSION}"}.get(name)
 
 
 def is_sdxl(pipe) -> bool:
@@ -78,19 +93,20 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def resolve(name: str | None, builtin: Path | None = None) -> ModelRef:
+def resolve(name: str | None) -> ModelRef:
     """Turn what the user typed into something loadable; empty means the default."""
     name = (name or "").strip()
-    builtin_dir_ = Path(builtin) if builtin else builtin_dir()
     if not name:
         if hub_reachable():
             return ModelRef(DEFAULT_HUB_MODEL, DEFAULT_HUB_MODEL)
-        ref = resolve(BUILTIN, builtin_dir_)
-        notice = "The model hub cannot be reached, so the studio uses the built-in model."
+        ref = resolve(BUILTIN)
+        notice = "The model hub cannot be reached, so the studio uses the built-in pocket model (64-px shapes)."
         return ModelRef(ref.name, ref.source, notice)
     if name == BUILTIN:
-        ensure_builtin(builtin_dir_)
-        return ModelRef(BUILTIN, str(builtin_dir_))
+        return ModelRef(BUILTIN, str(builtin_dir()))
+    if name == TINY:
+        ensure_tiny(tiny_dir())
+        return ModelRef(TINY, str(tiny_dir()))
     if name == BUILTIN_SDXL:
         ensure_builtin_sdxl(builtin_sdxl_dir())
         return ModelRef(BUILTIN_SDXL, str(builtin_sdxl_dir()))
@@ -107,9 +123,27 @@ def resolve(name: str | None, builtin: Path | None = None) -> ModelRef:
     return ModelRef(name, name)
 
 
-# ---------------------------------------------------------------------------- built-in model
+# ---------------------------------------------------------------------------- built-in models
 
-def _builtin_components() -> dict[str, Any]:
+def builtin_dir() -> Path:
+    """The shipped pocket model's folder; one sentence if a checkout lacks it."""
+    if not (POCKET_DIR / "model_index.json").exists():
+        raise StudioError(f"The built-in model is missing from {POCKET_DIR}; restore it with `git checkout -- assets`, "
+                          "or retrain it with `python scripts/train_pocket.py`.")
+    return POCKET_DIR
+
+
+def write_builtin(out_dir: Path) -> Path:
+    """A copy of the built-in pocket model as a diffusers folder (what `python -m studio builtin-model` writes)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = staging(out_dir)
+    shutil.copytree(builtin_dir(), tmp)
+    return swap_into_place(tmp, out_dir)
+
+
+def _tiny_components() -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -139,17 +173,17 @@ def _builtin_components() -> dict[str, Any]:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def write_builtin(out_dir: Path) -> Path:
-    """Write the built-in model as a diffusers folder (deterministic: same seeds, same weights)."""
+def write_tiny(out_dir: Path) -> Path:
+    """Write the tiny model as a diffusers folder (deterministic: same seeds, same weights)."""
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
     tmp = staging(out_dir)
     quiet_libraries()
-    pipe = StableDiffusionPipeline(**_builtin_components(), safety_checker=None,
+    pipe = StableDiffusionPipeline(**_tiny_components(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / BUILTIN_MARKER).write_text(json.dumps({"version": BUILTIN_VERSION}))
+    (tmp / BUILTIN_MARKER).write_text(json.dumps({"version": TINY_VERSION}))
     return swap_into_place(tmp, out_dir)  # a half-written model is never picked up
 
 
@@ -158,7 +192,7 @@ _builtin_lock = threading.Lock()
 
 @contextmanager
 def cache_lock(folder: Path):
-    """Exclusive across threads and processes (the app and a CLI run may both write a built-in model)."""
+    """Exclusive across threads and processes (the app and a CLI run may both write a generated model)."""
     import fcntl
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +209,9 @@ def is_current(folder: Path, version: int) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("version") == version
 
 
-def ensure_builtin(out_dir: Path) -> Path:
+def ensure_tiny(out_dir: Path) -> Path:
     with cache_lock(out_dir):
-        return out_dir if is_current(out_dir, BUILTIN_VERSION) else write_builtin(out_dir)
+        return out_dir if is_current(out_dir, TINY_VERSION) else write_tiny(out_dir)
 
 
 def _builtin_sdxl_components() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from studio.paths import IMAGE_SUFFIXES
 def cache_dir(model_name: str, prompt: str, resolution: int, steps: int) -> Path:
     version = models.builtin_version(model_name) or model_name
     key = hashlib.sha1(f"{version}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
-    return models.builtin_dir().parent / "class-images" / key
+    return models.cache_root() / "class-images" / key
 
 
 def class_images(pipe, cfg, class_word: str, emit: Callable, should_stop: Callable[[], bool]) -> list[Path]:

@@ -4,8 +4,8 @@ Environment (set at import, before any studio, diffusers or huggingface_hub impo
 huggingface_hub reads HF_HUB_OFFLINE once when it is imported):
 
 - HF_HUB_OFFLINE=1: nothing may reach a model hub; an unknown id must fail fast and clearly.
-- STUDIO_CACHE: a session temp folder, so the built-in model and the built-in CLIP are written
-  fresh for the session (about a second each) and never touch the user's cache.
+- STUDIO_CACHE: a session temp folder, so the tiny model and the tiny CLIP are written fresh for
+  the session (about a second each) and never touch the user's cache.
 - STUDIO_WORKSPACE: a session temp folder; `dataset_dir` and `trained_run` live inside it, so UI
   and CLI tests see them in the workspace's dataset and run lists.
 - OMP_NUM_THREADS=1 unless set: the models are tiny, and two OpenMP threads on two cores shared
@@ -18,9 +18,12 @@ Session fixtures other test files reuse:
 - `dreambench_photos`: factory (concept, size=256) -> list of RGB PIL images, downscaled.
 - `photos_dir`:        folder of the 5 bear_plushie photos as 256-px JPEGs (00.jpg .. 04.jpg).
 - `workspace`:         studio.paths.Workspace at STUDIO_WORKSPACE.
-- `builtin_model`:     Path of the built-in diffusers model folder (written on first use).
+- `tiny_model`:        Path of the tiny random-weight diffusers model ('tiny', written on first use):
+                       for tests of code paths; it renders 64 px in ~0.2 s and draws noise.
+- `builtin_model`:     Path of the shipped pocket model ('builtin', assets/pocket-sd): for tests of
+                       what a model that draws does (tests/test_pocket.py).
 - `dataset_dir`:       dataset prepared from `photos_dir` at 64 px, token 'sks', class 'stuffed animal'.
-- `trained_run`:       run folder of a completed 30-step LoRA run on 'builtin' over `dataset_dir`
+- `trained_run`:       run folder of a completed 30-step LoRA run on 'tiny' over `dataset_dir`
                        (learning rate 1e-2, checkpoint at step 15, one final 2-step sample).
                        Treat it as read-only; copy it (shutil.copytree) to change it.
 """
@@ -110,10 +113,17 @@ def workspace():
 
 
 @pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from studio import models
+
+    return models.ensure_tiny(models.tiny_dir())
+
+
+@pytest.fixture(scope="session")
 def builtin_model() -> Path:
     from studio import models
 
-    return models.ensure_builtin(models.builtin_dir())
+    return models.builtin_dir()
 
 
 @pytest.fixture(scope="session")
@@ -127,12 +137,12 @@ def dataset_dir(photos_dir, workspace) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(dataset_dir, builtin_model, workspace) -> Path:
+def trained_run(dataset_dir, tiny_model, workspace) -> Path:
     from studio import train
     from studio.config import build_config
 
     cfg = build_config(values=dict(
-        model="builtin", dataset=str(dataset_dir), steps=TRAIN_STEPS,
+        model="tiny", dataset=str(dataset_dir), steps=TRAIN_STEPS,
         # 100x the default rate, so 30 steps move the adapter far enough to change images clearly.
         learning_rate=1e-2, sample_every=0, sample_steps=2, checkpoint_every=15))
     result = train.run(cfg, workspace.run("bear-lora").root)

@@ -34,14 +34,14 @@ def duck_dir(dreambench_photos, tmp_path_factory):
 
 
 def config(dataset_dir, duck_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), extra_datasets=[str(duck_dir)], method="custom",
+    base = dict(model="tiny", dataset=str(dataset_dir), extra_datasets=[str(duck_dir)], method="custom",
                 steps=6, learning_rate=5e-2, sample_every=0, sample_prompts=[], checkpoint_every=3,
                 prior_preservation=True, num_class_images=2, class_image_steps=2)
     return build_config(values={**base, **values})
 
 
 @pytest.fixture(scope="module")
-def custom_run(dataset_dir, duck_dir, builtin_model, tmp_path_factory):
+def custom_run(dataset_dir, duck_dir, tiny_model, tmp_path_factory):
     with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir, duck_dir), tmp_path_factory.mktemp("custom") / "run")
     assert result.status == "completed", result.message
@@ -102,12 +102,12 @@ def test_the_files_hold_kv_and_one_embedding_per_token(custom_run):
     assert (run / "checkpoints").is_dir() and custom.tokens_of(next((run / "checkpoints").iterdir())) == ["sks", "zwx"]
 
 
-def test_files_reload_into_a_fresh_pipeline_and_reproduce_the_trained_output(custom_run, builtin_model):
+def test_files_reload_into_a_fresh_pipeline_and_reproduce_the_trained_output(custom_run, tiny_model):
     run, seen = custom_run
     trained = seen["pipe"]
     trained.unet.eval()
     expected = _image(trained)
-    fresh = models.load_pipeline(models.resolve("builtin"))
+    fresh = models.load_pipeline(models.resolve("tiny"))
     base_state = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
     vocab = len(fresh.tokenizer)
     base = _image(fresh)
@@ -126,12 +126,12 @@ def test_files_reload_into_a_fresh_pipeline_and_reproduce_the_trained_output(cus
     assert np.array_equal(_image(fresh), base)
 
 
-def test_playground_custom_is_on_or_off(custom_run, builtin_model):
+def test_playground_custom_is_on_or_off(custom_run, tiny_model):
     run, _ = custom_run
     playground = Playground()
-    req = GenerateRequest(PROMPT, "builtin", [AdapterChoice(str(run), 1.0)], seed=2, steps=3)
+    req = GenerateRequest(PROMPT, "tiny", [AdapterChoice(str(run), 1.0)], seed=2, steps=3)
     base, adapted = playground.generate_pair(req)
-    pure = Playground().generate(GenerateRequest(PROMPT, "builtin", [], seed=2, steps=3))
+    pure = Playground().generate(GenerateRequest(PROMPT, "tiny", [], seed=2, steps=3))
     assert np.array_equal(np.asarray(base), np.asarray(pure))  # scale 0: K/V and tokens unloaded
     assert np.abs(np.asarray(adapted, float) - np.asarray(base, float)).mean() > 0.5
     assert np.array_equal(np.asarray(playground.generate(req)), np.asarray(adapted))
@@ -144,17 +144,17 @@ def test_resume_a_custom_run(custom_run, tmp_path):
     assert result.status == "completed" and result.step == 7, result.message
 
 
-def test_extra_datasets_join_the_images_for_any_method(dataset_dir, duck_dir, builtin_model):
+def test_extra_datasets_join_the_images_for_any_method(dataset_dir, duck_dir, tiny_model):
     from studio.data.dataset import ConceptDataset
 
-    pipe = models.load_pipeline(models.resolve("builtin"))
+    pipe = models.load_pipeline(models.resolve("tiny"))
     data = [ConceptDataset(dataset_dir, 64), ConceptDataset(duck_dir, 64)]
     frozen = train._cache_frozen(pipe, data, "cpu", torch.float32, flips=False)
     assert frozen.n_images == 8 and frozen.latent_mean.shape[1] == 8
     assert frozen.captions[-1] == data[1].captions[-1] and "zwx" in frozen.captions[-1]
 
 
-def test_a_bad_extra_dataset_is_one_sentence(dataset_dir, duck_dir, builtin_model, tmp_path):
+def test_a_bad_extra_dataset_is_one_sentence(dataset_dir, duck_dir, tiny_model, tmp_path):
     with pytest.raises(StudioError) as missing:
         train.run(config(dataset_dir, duck_dir, extra_datasets=[str(tmp_path / "nope")]), tmp_path / "run")
     assert "does not exist" in str(missing.value) and str(missing.value).count(". ") == 0
@@ -195,8 +195,8 @@ def test_playground_slider_interpolates_without_reloading(custom_run, monkeypatc
     playground = Playground()
     images = {}
     for scale in (1.0, 0.5, 0.0, 1.0):
-        playground.set_scales("builtin", [AdapterChoice(str(run), scale)])
+        playground.set_scales("tiny", [AdapterChoice(str(run), scale)])
         images.setdefault(scale, np.asarray(playground.generate(GenerateRequest(
-            PROMPT, "builtin", [AdapterChoice(str(run), scale)], seed=2, steps=3)), dtype=float))
+            PROMPT, "tiny", [AdapterChoice(str(run), scale)], seed=2, steps=3)), dtype=float))
     assert len(loads) == 1  # loaded once; every scale after that was set in place
     assert np.abs(images[1.0] - images[0.5]).mean() > 0.1 and np.abs(images[0.5] - images[0.0]).mean() > 0.1

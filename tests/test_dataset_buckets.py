@@ -66,20 +66,20 @@ def test_buckets_are_stored_per_image_and_shown_sizes_are_what_trains(bucket_dir
 
 
 def test_a_micro_batch_keeps_to_one_bucket_and_repeats_weight_the_draws():
-    cfg = build_config(values=dict(model="builtin", dataset="x", batch_size=4, seed=3))
+    cfg = build_config(values=dict(model="tiny", dataset="x", batch_size=4, seed=3))
     groups = ["a", "a", "a", "b", "b", "c"]
     for step in range(1, 40):
         picks = train.batch_indices(cfg, 6, step, 0, groups=groups).tolist()
         assert len({groups[p] for p in picks}) == 1, picks
     slots = torch.tensor([0, 1, 2, 2, 2])  # image 2 has repeats 3
-    one = build_config(values=dict(model="builtin", dataset="x", batch_size=1, seed=3))
+    one = build_config(values=dict(model="tiny", dataset="x", batch_size=1, seed=3))
     counts = Counter(int(train.batch_indices(one, 3, step, 0, slots)[0]) for step in range(1, 501))
     assert counts[2] == 300 and counts[0] == counts[1] == 100  # exactly, epoch by epoch
     plain = [int(train.batch_indices(one, 3, s, 0)[0]) for s in range(1, 30)]
     assert plain == [int(train.batch_indices(one, 3, s, 0, torch.arange(3))[0]) for s in range(1, 30)]
 
 
-def test_training_on_buckets_runs_at_each_images_own_size(bucket_dir, builtin_model, tmp_path, monkeypatch):
+def test_training_on_buckets_runs_at_each_images_own_size(bucket_dir, tiny_model, tmp_path, monkeypatch):
     shapes = []
     real = train._Stepper._loss
 
@@ -88,7 +88,7 @@ def test_training_on_buckets_runs_at_each_images_own_size(bucket_dir, builtin_mo
         return real(self, index, g)
 
     monkeypatch.setattr(train._Stepper, "_loss", spy)
-    cfg = build_config(values=dict(model="builtin", dataset=str(bucket_dir), steps=6, batch_size=2,
+    cfg = build_config(values=dict(model="tiny", dataset=str(bucket_dir), steps=6, batch_size=2,
                                    sample_every=0, sample_prompts=[], checkpoint_every=0, sample_steps=1))
     result = train.run(cfg, tmp_path / "run")
     assert result.status == "completed", result.message
@@ -97,8 +97,8 @@ def test_training_on_buckets_runs_at_each_images_own_size(bucket_dir, builtin_mo
     assert all(h != w for h, w in sizes if (h, w) != (32, 32))
 
 
-def test_buckets_with_prior_preservation_is_one_sentence(bucket_dir, builtin_model, tmp_path):
-    cfg = build_config(values=dict(model="builtin", dataset=str(bucket_dir), steps=2, prior_preservation=True))
+def test_buckets_with_prior_preservation_is_one_sentence(bucket_dir, tiny_model, tmp_path):
+    cfg = build_config(values=dict(model="tiny", dataset=str(bucket_dir), steps=2, prior_preservation=True))
     with pytest.raises(Exception, match="buckets cannot be combined with prior preservation"):
         train.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ def _free_port() -> int:
 
 
 def _train_args(dataset_dir, out, method):
-    return ["-m", "studio", "train", "--model", "builtin", "--dataset", str(dataset_dir), "--method", method,
+    return ["-m", "studio", "train", "--model", "tiny", "--dataset", str(dataset_dir), "--method", method,
             "--steps", "4", "--out", str(out), "--set", "batch_size=2", "--set", "learning_rate=1e-2",
             "--set", "sample_every=0", "--set", "sample_prompts=[]", "--set", "checkpoint_every=2"]
 
@@ -40,7 +40,7 @@ def _losses(run):
 
 
 @pytest.mark.parametrize("method", ["lora", "embedding"])
-def test_two_processes_match_one_on_the_same_global_batch(dataset_dir, builtin_model, tmp_path, method):
+def test_two_processes_match_one_on_the_same_global_batch(dataset_dir, tiny_model, tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *_train_args(dataset_dir, tmp_path / "one", method)], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -61,7 +61,7 @@ def test_two_processes_match_one_on_the_same_global_batch(dataset_dir, builtin_m
     # embedding row at its initializer word): within 1% of that movement.
     start = {k: torch.zeros_like(v) for k, v in single.items() if "lora_B" in k}
     if method == "embedding":
-        start = {"sks": _initial_row(builtin_model, "animal")}
+        start = {"sks": _initial_row(tiny_model, "animal")}
     moved = max((single[k] - v).abs().max().item() for k, v in start.items())
     worst = max((parallel[k] - single[k]).abs().max().item() for k in single)
     assert moved > 1e-3  # training really moved the weights, so the tolerance below means something
@@ -80,5 +80,5 @@ def test_a_batch_that_does_not_split_is_one_sentence(dataset_dir, monkeypatch, t
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(StudioError, match="multiple of the 2 training processes; choose 2"):
-        train.prepare(build_config(values=dict(model="builtin", dataset=str(dataset_dir), batch_size=3)),
+        train.prepare(build_config(values=dict(model="tiny", dataset=str(dataset_dir), batch_size=3)),
                       tmp_path / "run")

@@ -19,19 +19,19 @@ PROMPT = "a photo of sks stuffed animal"
 
 
 def config(dataset_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), method="embedding", steps=6, learning_rate=5e-2,
+    base = dict(model="tiny", dataset=str(dataset_dir), method="embedding", steps=6, learning_rate=5e-2,
                 sample_every=0, sample_prompts=[], checkpoint_every=3)
     return build_config(values={**base, **values})
 
 
 @pytest.fixture(scope="module")
-def ti_run(dataset_dir, builtin_model, tmp_path_factory):
+def ti_run(dataset_dir, tiny_model, tmp_path_factory):
     result = train.run(config(dataset_dir), tmp_path_factory.mktemp("ti") / "run")
     assert result.status == "completed", result.message
     return result.run_dir
 
 
-def test_only_the_new_row_trains(dataset_dir, builtin_model, tmp_path):
+def test_only_the_new_row_trains(dataset_dir, tiny_model, tmp_path):
     with loaded_pipeline() as seen:
         assert train.run(config(dataset_dir, steps=3), tmp_path / "run").status == "completed"
     pipe, before = seen["pipe"], seen["before"]
@@ -52,8 +52,8 @@ def test_only_the_new_row_trains(dataset_dir, builtin_model, tmp_path):
     assert not torch.equal(new[token_id], old[init_id])  # it trained away from its starting word
 
 
-def test_the_new_row_starts_from_the_initializer_word(dataset_dir, builtin_model):
-    pipe = models.load_pipeline(models.resolve("builtin"))
+def test_the_new_row_starts_from_the_initializer_word(dataset_dir, tiny_model):
+    pipe = models.load_pipeline(models.resolve("tiny"))
     weight = pipe.text_encoder.get_input_embeddings().weight
     toy = weight[pipe.tokenizer.encode("toy", add_special_tokens=False)[0]].detach().clone()
     embedding.attach(pipe, config(dataset_dir, initializer_token="toy"))
@@ -71,8 +71,8 @@ def test_files_reload_through_diffusers_and_match(ti_run):
     assert list(a1111) == ["emb_params"] and a1111["emb_params"].shape == (1, 32)
 
 
-def test_a_broken_file_fails_the_check(ti_run, builtin_model, tmp_path):
-    pipe = models.load_pipeline(models.resolve("builtin"))
+def test_a_broken_file_fails_the_check(ti_run, tiny_model, tmp_path):
+    pipe = models.load_pipeline(models.resolve("tiny"))
     pipe.load_textual_inversion(str(ti_run / "adapter" / embedding.WEIGHTS), token="sks")
     pipe.text_encoder._studio_token = ("sks", pipe.tokenizer.convert_tokens_to_ids("sks"))
     save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / embedding.A1111))  # wrong vector
@@ -80,11 +80,11 @@ def test_a_broken_file_fails_the_check(ti_run, builtin_model, tmp_path):
     assert not report.ok and report.max_abs_diff > 1e-3
 
 
-def test_playground_embedding_is_on_or_off(ti_run, builtin_model):
+def test_playground_embedding_is_on_or_off(ti_run, tiny_model):
     playground = Playground()
-    req = GenerateRequest(PROMPT, "builtin", [AdapterChoice(str(ti_run), 1.0)], seed=2, steps=3)
+    req = GenerateRequest(PROMPT, "tiny", [AdapterChoice(str(ti_run), 1.0)], seed=2, steps=3)
     base, adapted = playground.generate_pair(req)
-    pure = Playground().generate(GenerateRequest(PROMPT, "builtin", [], seed=2, steps=3))
+    pure = Playground().generate(GenerateRequest(PROMPT, "tiny", [], seed=2, steps=3))
     assert np.array_equal(np.asarray(base), np.asarray(pure))  # scale 0: the token is unloaded
     assert np.abs(np.asarray(adapted, float) - np.asarray(base, float)).mean() > 0.5
     again = playground.generate(req)
@@ -101,13 +101,13 @@ def test_resume_an_embedding_run(ti_run, tmp_path):
 @pytest.mark.parametrize("values, phrase", [
     (dict(initializer_token="stuffed animal"), "is 2 tokens"),
 ])
-def test_bad_initializer_is_one_sentence(dataset_dir, builtin_model, tmp_path, values, phrase):
+def test_bad_initializer_is_one_sentence(dataset_dir, tiny_model, tmp_path, values, phrase):
     result = train.run(config(dataset_dir, **values), tmp_path / "run")
     assert result.status == "failed" and phrase in result.message and "internal" not in result.message
 
 
 @pytest.mark.parametrize("trigger", ["photo", "<|endoftext|>"])
-def test_a_trigger_word_that_is_already_a_token(dataset_dir, builtin_model, tmp_path, trigger):
+def test_a_trigger_word_that_is_already_a_token(dataset_dir, tiny_model, tmp_path, trigger):
     from studio.data.dataset import prep_folder
 
     src = tmp_path / "src"

@@ -23,18 +23,18 @@ METHODS = {"lora": {}, "dora": {"method": "dora"}, "lora-locon": {"locon": True}
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
-def run(request, tmp_path_factory, dataset_dir, builtin_model) -> Path:
+def run(request, tmp_path_factory, dataset_dir, tiny_model) -> Path:
     # alpha != rank, so a file that carried alpha = rank (diffusers' converter default) would differ.
-    cfg = build_config(values=dict(model="builtin", dataset=str(dataset_dir), steps=5, learning_rate=1e-2,
+    cfg = build_config(values=dict(model="tiny", dataset=str(dataset_dir), steps=5, learning_rate=1e-2,
                                    alpha=4.0, sample_every=0, sample_prompts=[], **METHODS[request.param]))
     result = train.run(cfg, tmp_path_factory.mktemp("kohya") / request.param)
     assert result.status == "completed", result.message
     return result.run_dir
 
 
-def studio_adapted_unet(builtin_model: Path, adapter_dir: Path):
+def studio_adapted_unet(tiny_model: Path, adapter_dir: Path):
     """The run's adapter as the studio loads it (diffusers format), under the name 'default'."""
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     lora.load_into(pipe, adapter_dir, "default")
     return pipe.unet
 
@@ -67,9 +67,9 @@ def test_kohya_key_names(run):
     assert any(m.endswith("_resnets_0_conv1") for m in modules) == ("locon" in run.name)
 
 
-def test_plain_diffusers_renders_the_playground_image(run, builtin_model):
+def test_plain_diffusers_renders_the_playground_image(run, tiny_model):
     file = RunPaths(run).adapter / lora.KOHYA_WEIGHTS
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     base = render(pipe, GEN_STEPS)
     if "dora" in run.name:
         # load_lora_weights drops dora_scale keys (diffusers 0.42): use the converter it calls, directly.
@@ -78,14 +78,14 @@ def test_plain_diffusers_renders_the_playground_image(run, builtin_model):
         pipe.load_lora_weights(str(file))
     plain = render(pipe, GEN_STEPS)
     studio = np.asarray(Playground().generate(GenerateRequest(
-        PROMPT, "builtin", [AdapterChoice(str(run), 1.0)], seed=0, steps=GEN_STEPS, guidance=7.5)),
+        PROMPT, "tiny", [AdapterChoice(str(run), 1.0)], seed=0, steps=GEN_STEPS, guidance=7.5)),
         dtype=np.int16)
     assert np.abs(plain - studio).max() <= 1  # same weights, same seed: at most rounding
     assert np.abs(plain - base).mean() > 0.5  # ... and the adapter really is in both
 
 
 @pytest.mark.parametrize("drop", [".alpha", ".lora_up.weight"])
-def test_tampered_file_fails_the_check_and_names_the_key(run, builtin_model, tmp_path, drop):
+def test_tampered_file_fails_the_check_and_names_the_key(run, tiny_model, tmp_path, drop):
     if run.name != "lora":
         pytest.skip("one adapter kind is enough")
     adapter_dir = RunPaths(run).adapter
@@ -95,7 +95,7 @@ def test_tampered_file_fails_the_check_and_names_the_key(run, builtin_model, tmp
     tampered = tmp_path / lora.KOHYA_WEIGHTS
     save_file(weights, str(tampered))
 
-    report = lora.check_kohya_file(tampered, studio_adapted_unet(builtin_model, adapter_dir))
+    report = lora.check_kohya_file(tampered, studio_adapted_unet(tiny_model, adapter_dir))
 
     assert not report.ok
     assert removed in report.missing_keys

@@ -15,7 +15,7 @@ PROMPT = "a photo of sks stuffed animal"
 STEPS = 3
 
 
-def request(*choices: AdapterChoice, prompt: str = PROMPT, model: str = "builtin") -> GenerateRequest:
+def request(*choices: AdapterChoice, prompt: str = PROMPT, model: str = "tiny") -> GenerateRequest:
     return GenerateRequest(prompt, model, list(choices), seed=0, steps=STEPS)
 
 
@@ -28,7 +28,7 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def base_image(builtin_model) -> np.ndarray:
+def base_image(tiny_model) -> np.ndarray:
     """The built-in model with no adapter ever loaded into its pipeline."""
     image = Playground().generate(request())
     assert image.size == (64, 64)  # the model's native size when size=0
@@ -80,7 +80,7 @@ def test_changing_the_scale_does_not_reload_weights(at_scale, trained_run, monke
     assert len(calls) == 1 and calls[0] == trained_run / "adapter"
     assert np.array_equal(images[0], images[3])  # back to 1 after 0.5 and 0: the same image
     assert mean_diff(images[0], images[1]) > 1.0  # and the scale did act each time
-    pipe, _ = at_scale.playground.pipeline("builtin")
+    pipe, _ = at_scale.playground.pipeline("tiny")
     assert sum(len(v) for v in pipe.get_list_adapters().values()) == 1
 
 
@@ -121,7 +121,7 @@ def test_folder_that_is_not_a_model_is_one_sentence(tmp_path):
     one_sentence(str(err.value))
 
 
-def test_run_without_adapter_is_refused(tmp_path, builtin_model):
+def test_run_without_adapter_is_refused(tmp_path, tiny_model):
     with pytest.raises(StudioError, match="No trained adapter"):
         Playground().generate(request(AdapterChoice(str(tmp_path), 1.0)))
 
@@ -156,9 +156,9 @@ def test_a_resaved_adapter_replaces_its_old_copy(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     playground = Playground()
-    playground.set_scales("builtin", [AdapterChoice(str(run), 1.0)])
-    pipe, _ = playground.pipeline("builtin")
+    playground.set_scales("tiny", [AdapterChoice(str(run), 1.0)])
+    pipe, _ = playground.pipeline("tiny")
     weights = run / "adapter" / "pytorch_lora_weights.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "saved again"
-    playground.set_scales("builtin", [AdapterChoice(str(run), 1.0)])
+    playground.set_scales("tiny", [AdapterChoice(str(run), 1.0)])
     assert len(pipe.get_list_adapters()["unet"]) == 1

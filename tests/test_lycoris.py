@@ -23,7 +23,7 @@ KINDS = ("loha", "lokr")
 
 
 def small_config(dataset_dir: Path, method: str, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), steps=15, learning_rate=1e-2, method=method,
+    base = dict(model="tiny", dataset=str(dataset_dir), steps=15, learning_rate=1e-2, method=method,
                 sample_every=0, sample_steps=2, sample_prompts=[])
     return build_config(values={**base, **values})
 
@@ -33,7 +33,7 @@ def is_adapter_key(key: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, dataset_dir, builtin_model):
+def trained(tmp_path_factory, dataset_dir, tiny_model):
     """kind -> (run folder, the training pipeline with its adapter 'default' still attached)."""
     seen, runs = {}, {}
     real_load = models.load_pipeline
@@ -54,14 +54,14 @@ def trained(tmp_path_factory, dataset_dir, builtin_model):
 
 
 @pytest.fixture(scope="module")
-def base_image(builtin_model) -> np.ndarray:
-    return render(plain_pipeline(builtin_model), GEN_STEPS)
+def base_image(tiny_model) -> np.ndarray:
+    return render(plain_pipeline(tiny_model), GEN_STEPS)
 
 
 # ----------------------------------------------------------------------------- what trains
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_only_adapter_weights_change(tmp_path, dataset_dir, builtin_model, monkeypatch, kind):
+def test_only_adapter_weights_change(tmp_path, dataset_dir, tiny_model, monkeypatch, kind):
     real_attach = lycoris.attach
     with loaded_pipeline() as seen:
         def attach_spy(pipe, cfg):
@@ -97,7 +97,7 @@ def test_only_adapter_weights_change(tmp_path, dataset_dir, builtin_model, monke
 # ----------------------------------------------------------------------------- native save and load
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_native_file_reproduces_the_trained_pipeline(trained, builtin_model, kind):
+def test_native_file_reproduces_the_trained_pipeline(trained, tiny_model, kind):
     run_dir, trained_pipe = trained[kind]
     folder = run_dir / "adapter"
     assert (folder / PEFT_WEIGHTS).is_file() and (folder / PEFT_CONFIG).is_file()
@@ -105,14 +105,14 @@ def test_native_file_reproduces_the_trained_pipeline(trained, builtin_model, kin
 
     trained_pipe.unet.eval()
     expected = render(trained_pipe, GEN_STEPS)
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     lycoris.load_into(pipe, folder, "x")
     assert np.array_equal(render(pipe, GEN_STEPS), expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_scales_zero_half_one(trained, builtin_model, base_image, kind):
-    pipe = plain_pipeline(builtin_model)
+def test_scales_zero_half_one(trained, tiny_model, base_image, kind):
+    pipe = plain_pipeline(tiny_model)
     lycoris.load_into(pipe, trained[kind][0] / "adapter", "x")
     images = {}
     for scale in (0.0, 0.5, 1.0):
@@ -131,7 +131,7 @@ def test_playground_renders_loha_and_stacks_it_with_a_lora(trained, trained_run,
     playground = Playground()
 
     def generate(*choices: AdapterChoice) -> np.ndarray:
-        image = playground.generate(GenerateRequest(PROMPT, "builtin", list(choices), seed=0, steps=GEN_STEPS))
+        image = playground.generate(GenerateRequest(PROMPT, "tiny", list(choices), seed=0, steps=GEN_STEPS))
         return np.asarray(image, dtype=np.int16)
 
     loha_only = generate(AdapterChoice(str(loha_run), 1.0))

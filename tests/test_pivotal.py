@@ -17,13 +17,13 @@ PROMPT = "a photo of sks stuffed animal"
 
 
 def config(dataset_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), method="pivotal", steps=6, learning_rate=2e-2,
+    base = dict(model="tiny", dataset=str(dataset_dir), method="pivotal", steps=6, learning_rate=2e-2,
                 sample_every=0, sample_prompts=[])
     return build_config(values={**base, **values})
 
 
 @pytest.fixture(scope="module")
-def pivotal_run(dataset_dir, builtin_model, tmp_path_factory):
+def pivotal_run(dataset_dir, tiny_model, tmp_path_factory):
     with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir), tmp_path_factory.mktemp("pivotal") / "run")
     assert result.status == "completed", result.message
@@ -59,10 +59,10 @@ def test_both_parts_are_saved_and_verified(pivotal_run):
 def test_playground_scale_moves_the_lora_with_the_token_loaded(pivotal_run):
     run, _ = pivotal_run
     playground = Playground()
-    images = {s: np.asarray(playground.generate(GenerateRequest(PROMPT, "builtin", [AdapterChoice(str(run), s)],
+    images = {s: np.asarray(playground.generate(GenerateRequest(PROMPT, "tiny", [AdapterChoice(str(run), s)],
                                                                seed=1, steps=3)), dtype=float)
               for s in (0.0, 0.5, 1.0)}
-    pure = np.asarray(Playground().generate(GenerateRequest(PROMPT, "builtin", [], seed=1, steps=3)), dtype=float)
+    pure = np.asarray(Playground().generate(GenerateRequest(PROMPT, "tiny", [], seed=1, steps=3)), dtype=float)
     assert np.abs(images[1.0] - images[0.0]).mean() > 0.5  # the LoRA part scales
     assert np.abs(images[0.5] - images[0.0]).mean() > 0.1 and np.abs(images[0.5] - images[1.0]).mean() > 0.1
     assert np.abs(images[0.0] - pure).mean() > 0.5  # at scale 0 the learned token still speaks

@@ -12,7 +12,7 @@ from studio.objectives import prior_preservation_loss
 
 
 def config(dataset_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), steps=3, learning_rate=1e-2, sample_every=0,
+    base = dict(model="tiny", dataset=str(dataset_dir), steps=3, learning_rate=1e-2, sample_every=0,
                 sample_prompts=[], prior_preservation=True, num_class_images=3, class_image_steps=2)
     return build_config(values={**base, **values})
 
@@ -30,7 +30,7 @@ def test_prior_loss_matches_a_hand_computation():
                                per[:2].mean() + 0.5 * per[2:].mean())
 
 
-def test_class_images_are_drawn_once_and_reused(dataset_dir, builtin_model, tmp_path, monkeypatch):
+def test_class_images_are_drawn_once_and_reused(dataset_dir, tiny_model, tmp_path, monkeypatch):
     drawn = []
     real_draw = prior._draw
     monkeypatch.setattr(prior, "_draw", lambda *a: (drawn.append(a[2]), real_draw(*a)))
@@ -40,7 +40,7 @@ def test_class_images_are_drawn_once_and_reused(dataset_dir, builtin_model, tmp_
     assert first.status == "completed", first.message
     assert drawn == [0, 1, 2]
     assert sum(isinstance(e, events.Progress) and "class image" in e.message for e in seen) == 3
-    folder = prior.cache_dir("builtin", "a photo of a stuffed animal on grass", 64, 2)
+    folder = prior.cache_dir("tiny", "a photo of a stuffed animal on grass", 64, 2)
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "00002.png"]
     second = train.run(config(dataset_dir, class_prompt="a photo of a {class} on grass", num_class_images=4),
                        tmp_path / "b")
@@ -48,7 +48,7 @@ def test_class_images_are_drawn_once_and_reused(dataset_dir, builtin_model, tmp_
     assert drawn == [0, 1, 2, 3]  # only the missing one was drawn
 
 
-def test_prior_changes_the_loss_but_not_what_trains(dataset_dir, builtin_model, tmp_path):
+def test_prior_changes_the_loss_but_not_what_trains(dataset_dir, tiny_model, tmp_path):
     plain = train.run(config(dataset_dir, prior_preservation=False), tmp_path / "plain")
     with_prior = train.run(config(dataset_dir), tmp_path / "prior")
     def losses(r):
@@ -60,7 +60,7 @@ def test_prior_changes_the_loss_but_not_what_trains(dataset_dir, builtin_model, 
     assert keys == load_file(str(plain.run_dir / "adapter" / "pytorch_lora_weights.safetensors")).keys()
 
 
-def test_user_class_images_are_used_instead_of_drawing(dataset_dir, builtin_model, tmp_path, monkeypatch):
+def test_user_class_images_are_used_instead_of_drawing(dataset_dir, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(prior, "_draw", lambda *a: pytest.fail("drew a class image although a folder was given"))
     folder = tmp_path / "dogs"
     folder.mkdir()
@@ -70,7 +70,7 @@ def test_user_class_images_are_used_instead_of_drawing(dataset_dir, builtin_mode
     assert result.status == "completed", result.message
 
 
-def test_an_empty_class_folder_is_one_sentence(dataset_dir, builtin_model, tmp_path):
+def test_an_empty_class_folder_is_one_sentence(dataset_dir, tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     result = train.run(config(dataset_dir, class_data_dir=str(tmp_path / "empty")), tmp_path / "run")
     assert result.status == "failed"

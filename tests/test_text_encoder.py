@@ -16,14 +16,14 @@ from studio.paths import LORA_WEIGHTS
 from tests.helpers import PROMPT, loaded_pipeline, mean_diff, plain_pipeline, render
 
 
-def config(dataset_dir, model="builtin", **values):
+def config(dataset_dir, model="tiny", **values):
     base = dict(model=model, dataset=str(dataset_dir), steps=4, learning_rate=1e-2, sample_every=0,
                 sample_prompts=[], train_text_encoder=True)
     return build_config(values={**base, **values})
 
 
 @pytest.fixture(scope="module")
-def te_run(dataset_dir, builtin_model, tmp_path_factory):
+def te_run(dataset_dir, tiny_model, tmp_path_factory):
     with loaded_pipeline() as seen:
         result = train.run(config(dataset_dir), tmp_path_factory.mktemp("te") / "run")
     assert result.status == "completed", result.message
@@ -40,19 +40,19 @@ def test_text_encoder_lora_trains_and_its_base_stays(te_run):
     assert len(lora_b) == 8 and all(torch.count_nonzero(te[k]) > 0 for k in lora_b)  # 2 layers x q,k,v,out
 
 
-def test_native_file_holds_both_and_plain_diffusers_matches_the_playground(te_run, builtin_model):
+def test_native_file_holds_both_and_plain_diffusers_matches_the_playground(te_run, tiny_model):
     run, _ = te_run
     keys = load_file(str(run / "adapter" / LORA_WEIGHTS))
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     base = render(pipe, 3)
     pipe.load_lora_weights(str(run / "adapter"))
     plain = render(pipe, 3)
     playground = Playground()
-    studio = np.asarray(playground.generate(GenerateRequest(PROMPT, "builtin", [AdapterChoice(str(run), 1.0)],
+    studio = np.asarray(playground.generate(GenerateRequest(PROMPT, "tiny", [AdapterChoice(str(run), 1.0)],
                                                             seed=0, steps=3)), dtype=np.int16)
     assert np.abs(plain - studio).max() <= 1 and mean_diff(plain, base) > 0.5
-    zero = np.asarray(playground.generate(GenerateRequest(PROMPT, "builtin", [AdapterChoice(str(run), 0.0)],
+    zero = np.asarray(playground.generate(GenerateRequest(PROMPT, "tiny", [AdapterChoice(str(run), 0.0)],
                                                           seed=0, steps=3)), dtype=np.int16)
     assert np.array_equal(zero, base)  # scale 0: the text encoder's adapter is off too
 

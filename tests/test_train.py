@@ -23,7 +23,7 @@ TRAIN_STEPS = 30  # what the trained_run fixture (conftest.py) trains for
 
 
 def small_config(dataset_dir: Path, **values) -> TrainConfig:
-    base = dict(model="builtin", dataset=str(dataset_dir), steps=4, learning_rate=1e-2,
+    base = dict(model="tiny", dataset=str(dataset_dir), steps=4, learning_rate=1e-2,
                 sample_every=0, sample_steps=2, sample_prompts=[])
     return build_config(values={**base, **values})
 
@@ -40,7 +40,7 @@ def file_hash(path: Path) -> str:
 
 @pytest.mark.parametrize("method, extra", [("lora", {}), ("dora", {}), ("lora", {"locon": True})],
                          ids=["lora", "dora", "lora-locon"])
-def test_only_lora_weights_change(tmp_path, dataset_dir, builtin_model, monkeypatch, method, extra):
+def test_only_lora_weights_change(tmp_path, dataset_dir, tiny_model, monkeypatch, method, extra):
     real_attach = lora.attach
     with loaded_pipeline() as seen:
         def attach_spy(pipe, cfg):
@@ -82,7 +82,7 @@ def test_only_lora_weights_change(tmp_path, dataset_dir, builtin_model, monkeypa
     assert unchanged == [], f"LoRA B matrices that did not train: {unchanged[:3]}"
 
 
-def test_same_seed_same_losses(tmp_path, dataset_dir, builtin_model):
+def test_same_seed_same_losses(tmp_path, dataset_dir, tiny_model):
     def losses(seed: int, folder: str) -> list[float]:
         train.run(small_config(dataset_dir, steps=3, seed=seed), tmp_path / folder)
         return [e.loss for e in events.read_events(tmp_path / folder / "events.jsonl")
@@ -96,11 +96,11 @@ def test_same_seed_same_losses(tmp_path, dataset_dir, builtin_model):
 
 # ----------------------------------------------------------------------------- what is written
 
-def test_adapter_loads_in_plain_diffusers_and_matches_playground(trained_run, builtin_model):
+def test_adapter_loads_in_plain_diffusers_and_matches_playground(trained_run, tiny_model):
     weights = trained_run / "adapter" / LORA_WEIGHTS
     assert weights.is_file()
 
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     base = pixels(pipe(PROMPT, num_inference_steps=GEN_STEPS, height=64, width=64, guidance_scale=7.5,
                        generator=torch.Generator().manual_seed(0)).images[0])
     pipe.load_lora_weights(str(trained_run / "adapter"))
@@ -109,7 +109,7 @@ def test_adapter_loads_in_plain_diffusers_and_matches_playground(trained_run, bu
                         generator=torch.Generator().manual_seed(0)).images[0])
 
     studio_image = pixels(Playground().generate(GenerateRequest(
-        PROMPT, "builtin", [AdapterChoice(str(trained_run), 1.0)], seed=0, steps=GEN_STEPS, guidance=7.5)))
+        PROMPT, "tiny", [AdapterChoice(str(trained_run), 1.0)], seed=0, steps=GEN_STEPS, guidance=7.5)))
 
     assert np.abs(plain - studio_image).max() <= 1  # same weights, same seed: at most rounding
     assert np.abs(plain - base).mean() > 2.0  # ... and the adapter really is in both
@@ -136,21 +136,21 @@ def test_events_cover_every_step_then_finish(trained_run):
     assert (finished.status, finished.step, finished.adapter_dir) == ("completed", TRAIN_STEPS, "adapter")
     meta = adapters.read_meta(trained_run / "adapter")
     assert (meta.kind, meta.base_model, meta.token, meta.class_word, meta.step) == (
-        "lora", "builtin", "sks", "stuffed animal", TRAIN_STEPS)
+        "lora", "tiny", "sks", "stuffed animal", TRAIN_STEPS)
 
 
 def test_config_yaml_round_trips(trained_run, dataset_dir):
     saved = load_run_config(RunPaths(trained_run).config)
     cfg = build_config(values=saved)
     assert cfg.to_dict() == saved
-    assert cfg.model == "builtin" and cfg.steps == TRAIN_STEPS and cfg.learning_rate == pytest.approx(1e-2)
+    assert cfg.model == "tiny" and cfg.steps == TRAIN_STEPS and cfg.learning_rate == pytest.approx(1e-2)
     assert cfg.resolution == 64  # 0 was resolved to the dataset's resolution
     assert Path(cfg.dataset) == dataset_dir.resolve() and Path(cfg.dataset).is_absolute()
 
 
 # ----------------------------------------------------------------------------- cancel and refusals
 
-def test_cancel_after_k_steps_saves_a_loadable_adapter(tmp_path, dataset_dir, builtin_model):
+def test_cancel_after_k_steps_saves_a_loadable_adapter(tmp_path, dataset_dir, tiny_model):
     k, done = 3, []
 
     def on_event(event):
@@ -167,12 +167,12 @@ def test_cancel_after_k_steps_saves_a_loadable_adapter(tmp_path, dataset_dir, bu
     assert result.adapter_dir == tmp_path / "run" / "adapter"
     assert adapters.read_meta(result.adapter_dir).step == k
 
-    pipe = plain_pipeline(builtin_model)
+    pipe = plain_pipeline(tiny_model)
     pipe.load_lora_weights(str(result.adapter_dir))
     assert sum(len(v) for v in pipe.get_list_adapters().values()) == 1
 
 
-def test_stop_before_the_first_step(tmp_path, dataset_dir, builtin_model):
+def test_stop_before_the_first_step(tmp_path, dataset_dir, tiny_model):
     result = train.run(small_config(dataset_dir), tmp_path / "run", should_stop=lambda: True)
     assert (result.status, result.step) == ("cancelled", 0)
     assert not any(isinstance(e, events.Step) for e in events.read_events(tmp_path / "run" / "events.jsonl"))
@@ -181,7 +181,7 @@ def test_stop_before_the_first_step(tmp_path, dataset_dir, builtin_model):
 @pytest.mark.parametrize("dataset", ["", "no-such-dataset"])
 def test_missing_dataset_is_refused_before_anything_is_written(tmp_path, dataset):
     run_dir = tmp_path / "run"
-    cfg = build_config(values=dict(model="builtin", dataset=str(tmp_path / dataset) if dataset else ""))
+    cfg = build_config(values=dict(model="tiny", dataset=str(tmp_path / dataset) if dataset else ""))
     with pytest.raises(StudioError, match="dataset|Dataset"):
         train.run(cfg, run_dir)
     assert not run_dir.exists()
@@ -202,7 +202,7 @@ def test_reusing_a_run_folder_is_refused_and_keeps_the_run(trained_run, dataset_
     assert after == before
 
 
-def test_nan_loss_fails_the_run_with_one_sentence(tmp_path, dataset_dir, builtin_model, monkeypatch):
+def test_nan_loss_fails_the_run_with_one_sentence(tmp_path, dataset_dir, tiny_model, monkeypatch):
     monkeypatch.setattr(train, "instance_loss", lambda pred, target, weights=None: (pred.float() * float("nan")).mean())
     result = train.run(small_config(dataset_dir), tmp_path / "run")
     assert (result.status, result.step, result.adapter_dir) == ("failed", 0, None)

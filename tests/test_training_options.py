@@ -14,7 +14,7 @@ from studio.paths import RunPaths
 
 
 def config(dataset_dir, **values):
-    base = dict(model="builtin", dataset=str(dataset_dir), steps=8, learning_rate=1e-2, sample_every=0,
+    base = dict(model="tiny", dataset=str(dataset_dir), steps=8, learning_rate=1e-2, sample_every=0,
                 sample_prompts=[], checkpoint_every=4)
     return build_config(values={**base, **values})
 
@@ -34,7 +34,7 @@ def weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(dataset_dir, builtin_model, tmp_path_factory):
+def straight_run(dataset_dir, tiny_model, tmp_path_factory):
     result = train.run(config(dataset_dir), tmp_path_factory.mktemp("straight") / "run")
     assert result.status == "completed", result.message
     return result.run_dir
@@ -116,11 +116,11 @@ def test_batches_cover_every_image_each_epoch_with_repeats():
     assert seen != [int(i) for step in range(1, 9) for i in train.batch_indices(other_seed, 5, step, 0)]
 
 
-def test_flip_caches_the_mirror_image_latents(dataset_dir, builtin_model):
+def test_flip_caches_the_mirror_image_latents(dataset_dir, tiny_model):
     from studio import models
     from studio.data.dataset import ConceptDataset
 
-    pipe = models.load_pipeline(models.resolve("builtin"))
+    pipe = models.load_pipeline(models.resolve("tiny"))
     data = ConceptDataset(dataset_dir, 64)
     frozen = train._cache_frozen(pipe, data, "cpu", torch.float32, flips=True)
     assert frozen.latent_mean.shape[0] == 2

@@ -22,7 +22,7 @@ def test_building_the_app_imports_no_torch_or_diffusers():
 
 
 def test_app_has_the_four_tabs(tmp_path):
-    app = build_app(Studio(Workspace(tmp_path), "builtin"))
+    app = build_app(Studio(Workspace(tmp_path), "tiny"))
     labels = [b.label for b in app.blocks.values() if isinstance(b, gr.Tab)]
     assert labels == ["Dataset", "Train", "Playground", "Evaluate"]
 
@@ -59,7 +59,7 @@ def test_prepare_reports_bad_files_by_name_and_keeps_the_rest(photos_dir, tmp_pa
 
 
 def test_save_keeps_edited_captions(photos_dir, tmp_path):
-    studio = Studio(Workspace(tmp_path), "builtin")
+    studio = Studio(Workspace(tmp_path), "tiny")
     prepared, _, rows, *_ = dataset_tab._prepare(sorted(str(p) for p in photos_dir.glob("*.jpg")), "sks", "dog",
                                                  "a photo of {token} {class}", 64, audit_model="off")
     rows[0][1] = "a photo of sks dog on a sofa"
@@ -74,13 +74,13 @@ def test_save_keeps_edited_captions(photos_dir, tmp_path):
 
 
 def test_start_training_without_a_dataset_is_one_sentence(tmp_path):
-    studio = Studio(Workspace(tmp_path), "builtin")
+    studio = Studio(Workspace(tmp_path), "tiny")
     with pytest.raises(gr.Error, match="Choose a dataset first"):
         train_tab._start(studio, {"ds": None}, "ds", None, None, None, {}, "lora")
 
 
 def test_start_training_with_an_unknown_model_is_one_sentence_and_starts_nothing(dataset_dir, tmp_path):
-    studio = Studio(Workspace(tmp_path), "builtin")
+    studio = Studio(Workspace(tmp_path), "tiny")
     data = {"ds": str(dataset_dir), "preset": "(none)", "model": "no-such-model", "method": "lora", "steps": 5}
     with pytest.raises(Exception, match="is not 'builtin', an existing folder, or a hub id"):
         train_tab._start(studio, data, "ds", "preset", "method", "model", {"steps": "steps"}, "lora")
@@ -89,7 +89,7 @@ def test_start_training_with_an_unknown_model_is_one_sentence_and_starts_nothing
 
 
 def test_run_view_redraws_a_run_from_its_events_alone(trained_run, workspace):
-    studio = Studio(workspace, "builtin")  # a fresh UI state, as after a restart: only the files remain
+    studio = Studio(workspace, "tiny")  # a fresh UI state, as after a restart: only the files remain
     status, figure, gallery = train_tab.run_view(studio, trained_run.name)
     assert "completed" in status and "30" in status
     raw, smoothed = figure.data
@@ -115,7 +115,7 @@ def test_small_images_are_enlarged_for_display_with_sharp_pixels():
 def test_the_train_form_offers_every_method_and_option(tmp_path):
     from studio.config import field_kind
 
-    app = build_app(Studio(Workspace(tmp_path), "builtin"))
+    app = build_app(Studio(Workspace(tmp_path), "tiny"))
     by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
     assert [c[1] for c in by_id["train-method"].choices] == list(field_kind("method")[1])
     assert isinstance(by_id["train-gradient_checkpointing"], gr.Checkbox)
@@ -125,8 +125,8 @@ def test_the_train_form_offers_every_method_and_option(tmp_path):
 
 
 def test_an_empty_number_box_is_one_sentence(dataset_dir, tmp_path):
-    studio = Studio(Workspace(tmp_path), "builtin")
-    data = {"ds": str(dataset_dir), "preset": "(none)", "model": "builtin", "method": "lora", "steps": None}
+    studio = Studio(Workspace(tmp_path), "tiny")
+    data = {"ds": str(dataset_dir), "preset": "(none)", "model": "tiny", "method": "lora", "steps": None}
     with pytest.raises(gr.Error, match="'Steps' is empty"):
         train_tab._start(studio, data, "ds", "preset", "method", "model", {"steps": "steps"}, "lora")
 
@@ -134,7 +134,7 @@ def test_an_empty_number_box_is_one_sentence(dataset_dir, tmp_path):
 def test_resume_in_the_page(trained_run, tmp_path):
     import shutil
 
-    studio = Studio(Workspace(tmp_path), "builtin")
+    studio = Studio(Workspace(tmp_path), "tiny")
     with pytest.raises(gr.Error, match="Choose the run"):
         train_tab._resume(studio, None)
     shutil.copytree(trained_run, tmp_path / "runs" / "done")
@@ -152,7 +152,7 @@ def test_the_scale_slider_is_hidden_for_kinds_without_a_scale(trained_run, tmp_p
     from studio.adapters import read_meta, write_meta
     from studio.ui.playground_tab import has_scale
 
-    studio = Studio(Workspace(tmp_path), "builtin")
+    studio = Studio(Workspace(tmp_path), "tiny")
     shutil.copytree(trained_run, tmp_path / "runs" / "lora")
     shutil.copytree(trained_run, tmp_path / "runs" / "embedding")
     meta = read_meta(tmp_path / "runs" / "embedding" / "adapter")

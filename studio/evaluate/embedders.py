@@ -1,7 +1,11 @@
 """CLIP image and text embeddings, L2-normalised, from a model chosen by id.
 
-'builtin' is a small CLIP written deterministically on first use (random weights until the pocket
-model ships): it lets the whole evaluation run offline, but its numbers say nothing about concepts.
+'builtin' is the pocket CLIP shipped in assets/pocket-clip: trained contrastively on the pocket world
+(studio/pocket), it tells shapes, colours, sizes, textures, positions and backgrounds apart, so the
+evaluation of the built-in model means something offline. On photos it knows nothing; use a real CLIP.
+
+'tiny' is a tiny CLIP with random weights, written deterministically on first use: it lets tests run
+the whole evaluation in seconds, but its numbers say nothing about concepts.
 """
 
 from __future__ import annotations
@@ -15,14 +19,24 @@ from studio.paths import staging, swap_into_place
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 BUILTIN = "builtin"
-BUILTIN_CLIP_VERSION = 1
+TINY = "tiny"
+POCKET_CLIP_DIR = models.ASSETS / "pocket-clip"
+TINY_CLIP_VERSION = 1
 
 
 def builtin_clip_dir() -> Path:
-    return models.builtin_dir().parent / "builtin-clip"
+    """The shipped pocket CLIP's folder; one sentence if a checkout lacks it."""
+    if not (POCKET_CLIP_DIR / "config.json").exists():
+        raise StudioError(f"The built-in CLIP is missing from {POCKET_CLIP_DIR}; restore it with `git checkout -- assets`, "
+                          "or retrain it with `python scripts/train_pocket.py`.")
+    return POCKET_CLIP_DIR
 
 
-def write_builtin_clip(out_dir: Path) -> Path:
+def tiny_clip_dir() -> Path:
+    return models.cache_root() / "tiny-clip"
+
+
+def write_tiny_clip(out_dir: Path) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -37,7 +51,7 @@ def write_builtin_clip(out_dir: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     CLIPTokenizer.from_pretrained(models.TOKENIZER_DIR).save_pretrained(tmp)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(tmp)
-    (tmp / models.BUILTIN_MARKER).write_text(json.dumps({"version": BUILTIN_CLIP_VERSION}))
+    (tmp / models.BUILTIN_MARKER).write_text(json.dumps({"version": TINY_CLIP_VERSION}))
     return swap_into_place(tmp, Path(out_dir))
 
 
@@ -47,26 +61,31 @@ def resolve_clip(name: str | None) -> tuple[str, str | None]:
     if not name:
         if models.hub_reachable():
             return DEFAULT_CLIP, None
-        return resolve_clip(BUILTIN)[0], ("The model hub cannot be reached, so the evaluation uses the built-in "
-                                          "CLIP, whose random weights make the numbers meaningless for real concepts.")
+        return str(builtin_clip_dir()), ("The model hub cannot be reached, so the evaluation uses the built-in pocket "
+                                         "CLIP, which knows the pocket world's shapes and colours but not photos.")
     if name == BUILTIN:
-        folder = builtin_clip_dir()
+        return str(builtin_clip_dir()), None
+    if name == TINY:
+        folder = tiny_clip_dir()
         with models.cache_lock(folder):
-            if not models.is_current(folder, BUILTIN_CLIP_VERSION):
-                write_builtin_clip(folder)
+            if not models.is_current(folder, TINY_CLIP_VERSION):
+                write_tiny_clip(folder)
         return str(folder), None
     return name, None
 
 
 class ClipEmbedder:
     def __init__(self, name: str | None = None, device: str = "cpu"):
+        import torch
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         models.quiet_libraries()
         self.source, self.notice = resolve_clip(name)
         try:
+            # float32 whatever the file holds (the pocket CLIP ships in float16, which CPUs run slowly)
             with models.CONSTRUCTION_LOCK:  # see studio.models.CONSTRUCTION_LOCK
-                self.model = CLIPModel.from_pretrained(self.source, use_safetensors=True).to(device).eval()
+                self.model = CLIPModel.from_pretrained(self.source, use_safetensors=True,
+                                                       dtype=torch.float32).to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(self.source)
             self.processor = CLIPImageProcessor.from_pretrained(self.source)
         except (OSError, ValueError):
