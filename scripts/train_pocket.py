@@ -28,10 +28,12 @@ ASSETS = REPO / "assets"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "vae", "unet", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=("clip", "vae", "unet", "clip_vision", "write", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="UNet: stop at this checkpointed step, keeping the schedule of the full step count")
     parser.add_argument("--pool", type=int, default=20000, help="training scenes the UNet stage encodes once")
     parser.add_argument("--out", type=Path, default=ASSETS, help="where pocket-sd/ and pocket-clip/ are written")
     parser.add_argument("--demo", action="store_true", help="write the demo concept's images and stop")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
+    stages = ("clip", "vae", "unet", "clip_vision", "write") if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -65,14 +67,30 @@ def _done(args, name: str) -> Path:
 
 
 def _record(args, name: str, stage, seconds: float) -> None:
-    (_done(args, name) / "trained.json").write_text(json.dumps(
+    """What trained the stage; `phases` lists the step count of each invocation (see _finished)."""
+    path = _done(args, name) / "trained.json"
+    phases = json.loads(path.read_text()).get("phases", []) if path.exists() else []
+    path.write_text(json.dumps(
         {"steps": stage.steps, "batch": stage.batch, "lr": stage.lr, "seconds": round(seconds), "seed": args.seed,
-         "threads": args.threads}))
+         "threads": args.threads, "phases": phases + [stage.steps]}))
+
+
+def _finished(args, name: str, log) -> bool:
+    """A stage is done unless --steps asks for more steps than it trained: then it continues from its last
+    checkpoint with a cosine schedule stretched to the new count (a warm restart at that step's rate)."""
+    path = _done(args, name) / "trained.json"
+    if not path.exists():
+        return False
+    if args.steps and args.steps > json.loads(path.read_text())["steps"]:
+        log(f"{name}: continuing to {args.steps} steps")
+        return False
+    log(f"{name}: already trained")
+    return True
 
 
 def stage_clip(args, fit, log) -> None:
-    if (_done(args, "clip") / "trained.json").exists():
-        return log("clip: already trained")
+    if _finished(args, "clip", log):
+        return
     stage = _schedule(fit, "clip", args.steps)
     clip, seconds = fit.train_clip(args.work, stage, args.seed, log)
     clip.save_pretrained(_done(args, "clip"), safe_serialization=True)
@@ -80,8 +98,8 @@ def stage_clip(args, fit, log) -> None:
 
 
 def stage_vae(args, fit, log) -> None:
-    if (_done(args, "vae") / "trained.json").exists():
-        return log("vae: already trained")
+    if _finished(args, "vae", log):
+        return
     stage = _schedule(fit, "vae", args.steps)
     vae, seconds = fit.train_vae(args.work, stage, args.seed, log)
     vae.save_pretrained(_done(args, "vae"), safe_serialization=True)
@@ -94,15 +112,31 @@ def stage_unet(args, fit, log) -> None:
 
     from studio.models import TOKENIZER_DIR
 
-    if (_done(args, "unet") / "trained.json").exists():
-        return log("unet: already trained")
+    if _finished(args, "unet", log):
+        return
     vae = AutoencoderKL.from_pretrained(_done(args, "vae")).eval()
     text_encoder = fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip")))
     stage = _schedule(fit, "unet", args.steps)
     unet, seconds = fit.train_unet(args.work, stage, args.seed, log, vae, text_encoder,
-                                   CLIPTokenizer.from_pretrained(TOKENIZER_DIR), pool_size=args.pool)
+                                   CLIPTokenizer.from_pretrained(TOKENIZER_DIR), pool_size=args.pool, stop_at=args.stop_at)
     unet.save_pretrained(_done(args, "unet"), safe_serialization=True)
     _record(args, "unet", stage, seconds)
+    if args.stop_at:
+        record = json.loads((_done(args, "unet") / "trained.json").read_text())
+        (_done(args, "unet") / "trained.json").write_text(json.dumps({**record, "stopped_at": args.stop_at}))
+
+
+def stage_clip_vision(args, fit, log) -> None:
+    """The evaluation CLIP's second stage: vision tower and projections only (see fit.train_clip)."""
+    from transformers import CLIPModel
+
+    if _finished(args, "clip_vision", log):
+        return
+    stage = _schedule(fit, "clip_vision", args.steps)
+    clip, seconds = fit.train_clip(args.work, stage, args.seed + 10, log,
+                                   start=CLIPModel.from_pretrained(_done(args, "clip")), name="clip_vision")
+    clip.save_pretrained(_done(args, "clip_vision"), safe_serialization=True)
+    _record(args, "clip_vision", stage, seconds)
 
 
 def stage_write(args, fit, log) -> None:
@@ -111,10 +145,12 @@ def stage_write(args, fit, log) -> None:
 
     from studio.pocket import POCKET_VERSION
 
-    trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in ("clip", "vae", "unet")}
+    names = ("clip", "vae", "unet", "clip_vision")
+    trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
-    clip = CLIPModel.from_pretrained(_done(args, "clip"))
+    clip = CLIPModel.from_pretrained(_done(args, "clip_vision"))
     fit.write_clip(clip, args.out / "pocket-clip", info)
+    # The text tower did not train in the second CLIP stage: the SD text encoder is the same weights.
     fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")), fit.text_encoder_from(clip),
                        UNet2DConditionModel.from_pretrained(_done(args, "unet")), args.out / "pocket-sd", info)
     log(f"wrote {args.out / 'pocket-sd'} and {args.out / 'pocket-clip'}")

@@ -38,9 +38,10 @@ class Stage:
 
 
 STAGES = {
-    "clip": Stage(steps=2500, batch=128, lr=1e-3),
-    "vae": Stage(steps=1200, batch=16, lr=1e-3),
-    "unet": Stage(steps=3000, batch=32, lr=5e-4, warmup=200),
+    "clip": Stage(steps=1500, batch=64, lr=1e-3),
+    "vae": Stage(steps=800, batch=16, lr=1e-3),
+    "unet": Stage(steps=2500, batch=32, lr=5e-4, warmup=200),
+    "clip_vision": Stage(steps=1500, batch=96, lr=5e-4),
 }
 
 
@@ -108,8 +109,10 @@ def _resume(folder: Path, modules: dict, optimizer) -> tuple[int, float]:
     return int(state["step"]), float(state["elapsed_s"])
 
 
-def _loop(name: str, stage: Stage, work: Path, modules: dict, params, step_fn, log: Log, seed: int) -> float:
-    """Run step_fn(step, generator-seed) from the last checkpoint to stage.steps; returns seconds trained."""
+def _loop(name: str, stage: Stage, work: Path, modules: dict, params, step_fn, log: Log, seed: int,
+          stop_at: int | None = None) -> float:
+    """Run step_fn(step, generator-seed) from the last checkpoint to stage.steps (or to `stop_at`, a
+    checkpointed step short of it, keeping the schedule of stage.steps); returns seconds trained."""
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(stage))
     folder = work / f"{name}-checkpoint"
@@ -119,7 +122,10 @@ def _loop(name: str, stage: Stage, work: Path, modules: dict, params, step_fn, l
     if start:
         log(f"{name}: resumed at step {start}")
     t0 = time.perf_counter() - elapsed
-    for step in range(start, stage.steps):
+    end = min(stage.steps, stop_at or stage.steps)
+    if stop_at and stop_at % stage.checkpoint_every and stop_at != stage.steps:
+        raise ValueError(f"stop_at must be a checkpointed step (a multiple of {stage.checkpoint_every})")
+    for step in range(start, end):
         loss, extra = step_fn(step, seed * 1_000_003 + step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -166,13 +172,18 @@ def clip_batch(rng: random.Random, scenes: list, n: int) -> tuple[torch.Tensor, 
     return pixels, captions, negatives
 
 
-def train_clip(work: Path, stage: Stage, seed: int, log: Log):
+def train_clip(work: Path, stage: Stage, seed: int, log: Log, start=None, name: str = "clip"):
+    """Contrastive training from scratch, or (given `start`, a trained CLIPModel) a second stage that
+    trains only the vision side and the projections: the text tower, which is also the pocket SD's frozen
+    text encoder, stays exactly as the UNet saw it."""
     from transformers import CLIPModel, CLIPTokenizer
 
     from studio.models import TOKENIZER_DIR
 
     torch.manual_seed(seed)
-    model = CLIPModel(nets.clip_config()).train()
+    model = (start if start is not None else CLIPModel(nets.clip_config())).train()
+    if start is not None:
+        model.text_model.requires_grad_(False)
     # Pocket captions are under 24 tokens; shorter rows train faster, and the pooled output reads the first EOS.
     tokens = _Tokens(CLIPTokenizer.from_pretrained(TOKENIZER_DIR), max_length=24)
     train_scenes, _ = world.split()
@@ -190,11 +201,21 @@ def train_clip(work: Path, stage: Stage, seed: int, log: Log):
         accuracy = (per_image.argmax(1) == target).float().mean().item()
         return loss, f"acc {accuracy:.2f} scale {model.logit_scale.exp().item():.1f}"
 
-    seconds = _loop("clip", stage, work, {"clip": model}, list(model.parameters()), step_fn, log, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seconds = _loop(name, stage, work, {"clip": model}, params, step_fn, log, seed)
     return model.eval(), seconds
 
 
 # ---------------------------------------------------------------------------- VAE
+
+FOREGROUND_FROM, FOREGROUND_WEIGHT = 1500, 10.0  # the shipped VAE trained 1500 steps unweighted first
+
+
+def foreground(pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) mask of pixels that differ from the image's corner (the pocket world's backgrounds are flat)."""
+    corner = pixels[:, :, :1, :1]
+    return ((pixels - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
 
 def train_vae(work: Path, stage: Stage, seed: int, log: Log):
     torch.manual_seed(seed + 1)
@@ -209,8 +230,13 @@ def train_vae(work: Path, stage: Stage, seed: int, log: Log):
                                                          generator=torch.Generator().manual_seed(step_seed))
         out = vae.decode(z).sample
         # L1 keeps flat colours and edges sharp; the KL term only keeps latents near unit scale (SD uses 1e-6).
-        recon = F.l1_loss(out, pixels) + F.mse_loss(out, pixels)
-        loss = recon + 1e-6 * posterior.kl().mean()
+        error = (out - pixels).abs() + (out - pixels) ** 2
+        if step >= FOREGROUND_FROM:
+            # The background is most of every image, so a plain mean let the shapes' colours come out wrong
+            # (green decoded grey after 1500 steps); shape pixels weigh FOREGROUND_WEIGHT times more from here.
+            weight = 1 + (FOREGROUND_WEIGHT - 1) * foreground(pixels)
+            error = error * weight / weight.mean()
+        loss = error.mean() + 1e-6 * posterior.kl().mean()
         return loss, f"mse {F.mse_loss(out, pixels).item():.5f}"
 
     seconds = _loop("vae", stage, work, {"vae": vae}, list(vae.parameters()), step_fn, log, seed)
@@ -255,7 +281,8 @@ def unet_caption(scene, rng: random.Random) -> str:
     return "" if rng.random() < 0.1 else world.partial_caption(scene, rng, 0.3)
 
 
-def train_unet(work: Path, stage: Stage, seed: int, log: Log, vae, text_encoder, tokenizer, pool_size: int = 20000):
+def train_unet(work: Path, stage: Stage, seed: int, log: Log, vae, text_encoder, tokenizer, pool_size: int = 20000,
+               stop_at: int | None = None):
     from diffusers import DDPMScheduler
 
     from studio.objectives import diffusion_target, instance_loss, min_snr_weights
@@ -294,7 +321,8 @@ def train_unet(work: Path, stage: Stage, seed: int, log: Log, vae, text_encoder,
                 e.lerp_(p, 1 - decay)
 
     step_fn.after_step = after_step
-    seconds = _loop("unet", stage, work, {"unet": unet, "ema": ema}, list(unet.parameters()), step_fn, log, seed)
+    seconds = _loop("unet", stage, work, {"unet": unet, "ema": ema}, list(unet.parameters()), step_fn, log, seed,
+                    stop_at)
     return ema, seconds
 
 

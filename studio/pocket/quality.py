@@ -1,0 +1,113 @@
+"""How well the pocket models work, measured on the held-out combinations (bench/bench_pocket.py prints
+these; tests/test_pocket.py checks a few of them on a small scale).
+
+- `caption_retrieval`: the pocket CLIP ranks every held-out caption for each held-out scene;
+- `generation_match`: the pocket model draws held-out captions; the pocket CLIP names the shape and
+  colour of each image among all shape x colour captions (36) and the full caption among the held-out set;
+- `demo_dataset`: the demo concept's images as a studio dataset, for the LoRA walkthrough.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from studio.pocket import world
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-concept"
+DEMO_TOKEN, DEMO_CLASS = "sks", "shape"
+
+
+@dataclass
+class Retrieval:
+    n: int
+    top1: float  # the exact caption ranked first
+    shape: float  # the first-ranked caption names the right shape
+    colour: float
+
+    def line(self) -> str:
+        return f"top-1 {self.top1:.1%} (shape {self.shape:.1%}, colour {self.colour:.1%}) over {self.n}"
+
+
+def held_out_scenes(n: int | None = None, seed: int = 0) -> list[world.Scene]:
+    """The held-out combinations (all, or a seeded sample of n)."""
+    _, held = world.split()
+    return held if n is None or n >= len(held) else random.Random(seed).sample(held, n)
+
+
+def _rank(embedder, images, captions: list[str]) -> torch.Tensor:
+    """Index of the best caption for each image."""
+    return (embedder.embed_images(images) @ embedder.embed_texts(captions).T).argmax(dim=1)
+
+
+def caption_retrieval(embedder, scenes: list[world.Scene], seed: int = 0) -> Retrieval:
+    """Each scene rendered once (seeded jitter), ranked against the full captions of all `scenes`."""
+    rng = random.Random(seed)
+    images = [world.render(s, rng) for s in scenes]
+    best = _rank(embedder, images, [s.caption() for s in scenes]).tolist()
+    return _score(scenes, [scenes[i] for i in best])
+
+
+def _score(truth: list[world.Scene], picked: list[world.Scene]) -> Retrieval:
+    n = len(truth)
+    return Retrieval(n, sum(t == p for t, p in zip(truth, picked)) / n,
+                     sum(t.shape == p.shape for t, p in zip(truth, picked)) / n,
+                     sum(t.colour == p.colour for t, p in zip(truth, picked)) / n)
+
+
+def shape_colour_captions() -> list[tuple[str, str, str]]:
+    """(shape, colour, caption) for all 36 shape x colour pairs."""
+    return [(s, c, f"a {c} {s}") for s in world.SHAPES for c in world.COLOURS]
+
+
+def name_shape_colour(embedder, images) -> list[tuple[str, str]]:
+    """The pocket CLIP's (shape, colour) for each image, among all 36 shape x colour captions."""
+    table = shape_colour_captions()
+    return [table[i][:2] for i in _rank(embedder, images, [t[2] for t in table]).tolist()]
+
+
+@dataclass
+class GenerationMatch:
+    n: int
+    shape_and_colour: float  # both named right among the 36 shape x colour captions
+    shape: float
+    colour: float
+    full_caption: float  # the exact caption first among the held-out captions drawn
+
+    def line(self) -> str:
+        return (f"shape+colour top-1 {self.shape_and_colour:.1%} (shape {self.shape:.1%}, colour {self.colour:.1%}); "
+                f"full caption top-1 {self.full_caption:.1%} among {self.n}")
+
+
+def match(embedder, images, scenes: list[world.Scene]) -> GenerationMatch:
+    named = name_shape_colour(embedder, images)
+    n = len(scenes)
+    full = _score(scenes, [scenes[i] for i in _rank(embedder, images, [s.caption() for s in scenes]).tolist()])
+    return GenerationMatch(n, sum((s.shape, s.colour) == x for s, x in zip(scenes, named)) / n,
+                           sum(s.shape == x[0] for s, x in zip(scenes, named)) / n,
+                           sum(s.colour == x[1] for s, x in zip(scenes, named)) / n, full.top1)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, batch: int = 64):
+    """Images for the prompts, seed + i for prompt i, in batches (each image's noise is its own)."""
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       height=world.RESOLUTION, width=world.RESOLUTION).images
+    return images
+
+
+def demo_dataset(out: Path):
+    """The demo concept's images as a studio dataset folder ('a photo of sks shape'); returns its spec."""
+    from studio.data.dataset import prep_folder
+
+    spec, problems = prep_folder(DEMO_DIR, out, DEMO_TOKEN, DEMO_CLASS, world.RESOLUTION)
+    if problems:
+        raise RuntimeError(f"demo concept images did not import: {problems}")
+    return spec
