@@ -38,9 +38,9 @@ class Stage:
 
 
 STAGES = {
-    "clip": Stage(steps=1500, batch=64, lr=1e-3),
-    "vae": Stage(steps=800, batch=16, lr=1e-3),
-    "unet": Stage(steps=2500, batch=32, lr=5e-4, warmup=200),
+    "clip": Stage(steps=2400, batch=64, lr=1e-3),
+    "vae": Stage(steps=2100, batch=16, lr=1e-3),
+    "unet": Stage(steps=2000, batch=32, lr=5e-4, warmup=200),
     "clip_vision": Stage(steps=1500, batch=96, lr=5e-4),
 }
 

@@ -3,14 +3,15 @@ these; tests/test_pocket.py checks a few of them on a small scale).
 
 - `caption_retrieval`: the pocket CLIP ranks every held-out caption for each held-out scene;
 - `generation_match`: the pocket model draws held-out captions; the pocket CLIP names the shape and
-  colour of each image among all shape x colour captions (36) and the full caption among the held-out set;
+  colour of each image among the captions that differ from its own only in shape and colour (30-36),
+  and the full caption among all held-out captions;
 - `demo_dataset`: the demo concept's images as a studio dataset, for the LoRA walkthrough.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,21 +59,28 @@ def _score(truth: list[world.Scene], picked: list[world.Scene]) -> Retrieval:
                      sum(t.colour == p.colour for t, p in zip(truth, picked)) / n)
 
 
-def shape_colour_captions() -> list[tuple[str, str, str]]:
-    """(shape, colour, caption) for all 36 shape x colour pairs."""
-    return [(s, c, f"a {c} {s}") for s in world.SHAPES for c in world.COLOURS]
+def shape_colour_alternatives(scene: world.Scene) -> list[world.Scene]:
+    """The scene with every shape x colour (the colour never that of the background): its full caption
+    and the captions that differ from it only in shape and colour."""
+    return [replace(scene, shape=s, colour=c) for s in world.SHAPES for c in world.COLOURS if c != scene.background]
 
 
-def name_shape_colour(embedder, images) -> list[tuple[str, str]]:
-    """The pocket CLIP's (shape, colour) for each image, among all 36 shape x colour captions."""
-    table = shape_colour_captions()
-    return [table[i][:2] for i in _rank(embedder, images, [t[2] for t in table]).tolist()]
+def name_shape_colour(embedder, images, scenes: list[world.Scene]) -> list[tuple[str, str]]:
+    """The pocket CLIP's (shape, colour) for each image: the best of the full captions that differ from
+    its scene's caption only in shape and colour (30 or 36 candidates)."""
+    named = []
+    image_embeddings = embedder.embed_images(images)
+    for embedding, scene in zip(image_embeddings, scenes):
+        options = shape_colour_alternatives(scene)
+        best = int((embedder.embed_texts([o.caption() for o in options]) @ embedding).argmax())
+        named.append((options[best].shape, options[best].colour))
+    return named
 
 
 @dataclass
 class GenerationMatch:
     n: int
-    shape_and_colour: float  # both named right among the 36 shape x colour captions
+    shape_and_colour: float  # both named right among the captions that differ only in shape and colour
     shape: float
     colour: float
     full_caption: float  # the exact caption first among the held-out captions drawn
@@ -83,7 +91,7 @@ class GenerationMatch:
 
 
 def match(embedder, images, scenes: list[world.Scene]) -> GenerationMatch:
-    named = name_shape_colour(embedder, images)
+    named = name_shape_colour(embedder, images, scenes)
     n = len(scenes)
     full = _score(scenes, [scenes[i] for i in _rank(embedder, images, [s.caption() for s in scenes]).tolist()])
     return GenerationMatch(n, sum((s.shape, s.colour) == x for s, x in zip(scenes, named)) / n,
