@@ -211,7 +211,9 @@ def bare_step_times(model_dir: str, pixels, captions: list[str], steps: int, bat
     from peft import LoraConfig
 
     torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    # float32 whatever the files hold (the pocket model ships float16), as the studio loads on a CPU
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                   dtype=torch.float32)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     vae.requires_grad_(False)
