@@ -93,9 +93,7 @@ def gpu_probe(cfg) -> int:
         return peak
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        import torch as _torch
-
-        _torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
 
 def preflight(cfg) -> tuple[object, list[str]]:

@@ -219,7 +219,7 @@ def rescore(out_dir: Path) -> EvalResult:
     if missing:
         raise StudioError(f"The saved embeddings lack {len(missing)} image(s) (first: {missing[0]}); "
                           "run the evaluation again.")
-    settings = _read_settings(out_dir)
+    settings = read_settings(out_dir)
     points = [Point(**p) for p in settings["points"]]
     result = _score_and_save(out_dir, table, stores, points)
     result.message = f"Rescored {len(points)} point(s) from saved embeddings."
@@ -263,12 +263,10 @@ class _EmbeddingStore:
         self.path = Path(path)
         self.data = {}
         if self.path.exists():
-            import json as _json
-
             from safetensors import safe_open
 
             with safe_open(str(self.path), "pt") as handle:
-                keys = _json.loads((handle.metadata() or {}).get("keys", "[]"))
+                keys = json.loads((handle.metadata() or {}).get("keys", "[]"))
             tensors = load_file(str(self.path))
             self.data = {key: tensors[f"e{i}"] for i, key in enumerate(keys)}
 
@@ -440,7 +438,7 @@ def _write_settings(out_dir: Path, cfg: EvalConfig, spec, points: list[Point], c
     (out_dir / SETTINGS).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _read_settings(out_dir: Path) -> dict:
+def read_settings(out_dir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((Path(out_dir) / SETTINGS).read_text(encoding="utf-8"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from studio import plots
+from studio.evaluate.protocol import PAPER_REFERENCE, SETTINGS, read_settings
 
 TRADEOFF_HTML = "tradeoff.html"
 HEATMAP_HTML = "prompts.html"
@@ -16,15 +17,13 @@ GRID_PNG = "grid.png"
 def references_for(settings_clip: str | None, settings_dino: str | None) -> list[dict]:
     """The DreamBooth paper's numbers, when the encoders are the real ones it used (not the pocket or
     tiny models, whose cosines live on another scale)."""
-    from studio.evaluate.protocol import PAPER_REFERENCE
-
     real = lambda source: bool(source) and "/" in source and not Path(source).exists()  # noqa: E731
     return list(PAPER_REFERENCE) if real(settings_clip) and real(settings_dino) else []
 
 
 def write_report(out_dir: Path, summary, images, recommendation: dict | None) -> list[Path]:
     out_dir = Path(out_dir)
-    settings = _settings(out_dir)
+    settings = read_settings(out_dir) if (out_dir / SETTINGS).exists() else {}
     refs = references_for(settings.get("clip"), settings.get("dino"))
     written = []
     plots.tradeoff(summary, recommendation, refs).write_html(out_dir / TRADEOFF_HTML, include_plotlyjs="cdn")
@@ -36,10 +35,3 @@ def write_report(out_dir: Path, summary, images, recommendation: dict | None) ->
         grid.save(out_dir / GRID_PNG)
         written.append(out_dir / GRID_PNG)
     return written
-
-
-def _settings(out_dir: Path) -> dict:
-    import yaml
-
-    path = Path(out_dir) / "evaluation.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}

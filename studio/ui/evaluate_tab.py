@@ -67,8 +67,9 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
 
     start.click(on_start, {model_box, *form.values()}, [folder, status])
     cancel.click(lambda: "Cancelling…" if studio.jobs.cancel() else "No evaluation is running.", None, [status])
-    timer.tick(lambda f: _view(studio, f), [folder],
-               [status, scatter, heatmap, grid, table, files, advice, open_best, best, references])
+    drawn = gr.State(None)  # the finished evaluation on the page: redrawn only when it changes
+    timer.tick(lambda f, d: _view(studio, f, d), [folder, drawn],
+               [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn])
     refresh.click(lambda: (gr.update(choices=studio.workspace.list_runs()),
                            gr.update(choices=studio.workspace.list_datasets())), None, [runs, dataset])
     return {"runs": runs, "dataset": dataset, "folder": folder, "open": open_best, "best": best}
@@ -125,13 +126,15 @@ def _lines(text) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def _view(studio: Studio, folder):
+def _view(studio: Studio, folder, drawn=None):
+    """What the timer shows: progress while the job runs; the results once, when it has finished
+    (each tick after that changes nothing and reads only the event log)."""
     from pathlib import Path
 
     from studio import events as ev
     from studio import plots
 
-    keep = [gr.update()] * 10
+    keep = [gr.update()] * 10 + [drawn]
     if not folder:
         return keep
     history = ev.read_events(Path(folder) / "events.jsonl")
@@ -146,16 +149,17 @@ def _view(studio: Studio, folder):
         progress = next((e for e in reversed(history) if isinstance(e, ev.Progress) and e.total), None)
         text = f"Generating {progress.done + 1}/{progress.total}: {progress.message}" if progress else "Loading models…"
         return [text] + keep[1:]
-    from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results
+    from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results, read_settings
     from studio.evaluate.report import GRID_PNG, references_for
 
     root = Path(folder)
     if finished.status != "completed" or not (root / SUMMARY_CSV).exists():
         return [finished.message] + keep[1:]
+    key = f"{root}:{(root / SUMMARY_CSV).stat().st_mtime_ns}"
+    if key == drawn:
+        return keep
     summary, images, rec = read_results(root)
-    import yaml
-
-    settings = yaml.safe_load((root / "evaluation.yaml").read_text(encoding="utf-8"))
+    settings = read_settings(root)
     refs = references_for(settings.get("clip"), settings.get("dino"))
     notes = sorted({w for w in summary["warning"].fillna("") if w})
     status = finished.message + "".join(f"\n\n*Note: {w}*" for w in notes[:1])
@@ -167,7 +171,7 @@ def _view(studio: Studio, folder):
     return [status, plots.tradeoff(summary, rec, refs), plots.prompt_heatmap(images), str(grid) if grid.exists() else None,
             shown, [str(root / "results.csv"), str(root / SUMMARY_CSV), str(root / RECOMMENDATION)], advice,
             gr.update(visible=rec is not None), rec,
-            gr.update(value=pd.DataFrame(refs), visible=bool(refs))]
+            gr.update(value=pd.DataFrame(refs), visible=bool(refs)), key]
 
 
 def playground_value(rec: dict | None) -> str | None:
