@@ -56,6 +56,14 @@ class _Loaded:
     name: str  # adapter name inside the pipeline
     module: object  # the adapter module that loaded it
     folder: Path
+    kind: str = ""
+
+    @property
+    def exact_at_zero(self) -> bool:
+        """At peft scale 0 its layers add exactly nothing (LoRA, LoHa, LoKr: the update is multiplied by
+        the scale). DoRA's learned magnitude rescales the base weight whatever the scale, so it is
+        switched off instead."""
+        return _peft_scaled(self.module) and self.kind != "dora"
 
 
 def _peft_scaled(module) -> bool:
@@ -137,7 +145,7 @@ class Playground:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise StudioError(f"The adapter in '{choice.path}' does not fit this base model (it was trained on "
                               f"'{meta.base_model}'); choose that model. ({exc.__class__.__name__})") from None
-        self._loaded[str(weights)] = _Loaded(version, name, module, folder)
+        self._loaded[str(weights)] = _Loaded(version, name, module, folder, meta.kind)
         return self._loaded[str(weights)]
 
     def _unload(self, pipe, key: str) -> None:
@@ -150,8 +158,10 @@ class Playground:
     def set_scales(self, model: str, choices: list[AdapterChoice]) -> float:
         """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took.
 
-        - peft kinds (LoRA, DoRA, LoHa, LoKr): set_adapters; at 0 switched off rather than scaled
-          (DoRA's learned magnitude does not scale with peft's adapter weight).
+        - peft kinds (LoRA, DoRA, LoHa, LoKr): set_adapters, then in place while the same adapters stay
+          active (see adapters.set_scales). At 0, LoRA, LoHa and LoKr stay active at scale 0 (exactly
+          nothing added, and a slider through 0 stays fast) unless every peft adapter is at 0, when
+          they are all switched off; DoRA at 0 is switched off (its learned magnitude does not scale).
         - kinds with their own `set_scale` (Custom Diffusion): interpolated in place at any scale.
         - kinds without a scale (an embedding): on at any scale but 0, unloaded at 0.
         Adapters loaded earlier but not asked for now are switched off or unloaded.
@@ -162,7 +172,10 @@ class Playground:
             pipe, _ = self.pipeline(model)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
-            scaled = [(l.name, float(c.scale)) for c, l in wanted if _peft_scaled(l.module) and c.scale != 0]
+            scaled = [(l.name, float(c.scale)) for c, l in wanted
+                      if _peft_scaled(l.module) and (c.scale != 0 or l.exact_at_zero)]
+            if not any(scale for _, scale in scaled):
+                scaled = []  # every peft adapter at 0: the base model's own path, with no adapter layers run
             keep = {str(l.folder) for c, l in wanted if l.module.HAS_SCALE or c.scale != 0}
             for key, loaded in list(self._loaded.items()):
                 if not _peft_scaled(loaded.module) and str(loaded.folder) not in keep:

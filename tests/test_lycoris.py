@@ -141,11 +141,39 @@ def test_playground_renders_loha_and_stacks_it_with_a_lora(trained, trained_run,
     none = generate(AdapterChoice(str(trained_run), 0.0), AdapterChoice(str(loha_run), 0.0))
 
     assert np.array_equal(none, base_image)
+    # the LoHa at 0 stays loaded and active at scale 0, and adds exactly nothing
+    assert np.array_equal(lora_only, np.asarray(Playground().generate(GenerateRequest(
+        PROMPT, "tiny", [AdapterChoice(str(trained_run), 1.0)], seed=0, steps=GEN_STEPS)), dtype=np.int16))
     assert mean_diff(loha_only, base_image) > 1.0
     # the LoHa acts on top of the LoRA (weaker after 15 steps: measured ~0.06 of 255 mean)
     assert not np.array_equal(both, lora_only) and mean_diff(both, lora_only) > 0.02
     assert mean_diff(both, loha_only) > 1.0  # ... and the LoRA on top of the LoHa
     assert len(playground._loaded) == 2  # each loaded once, scales changed in place
+
+
+def test_rescaling_a_stack_in_place_draws_what_a_fresh_load_draws(trained, trained_run):
+    """Scale changes with the same adapters active only rescale the kept adapter layers; the image at
+    (0.5, 1.5) after a walk through other scales equals a fresh playground's first image at (0.5, 1.5)."""
+    loha_run = trained["loha"][0]
+
+    def choices(a: float, b: float) -> list[AdapterChoice]:
+        return [AdapterChoice(str(trained_run), a), AdapterChoice(str(loha_run), b)]
+
+    def generate(playground: Playground, a: float, b: float) -> np.ndarray:
+        image = playground.generate(GenerateRequest(PROMPT, "tiny", choices(a, b), seed=0, steps=GEN_STEPS))
+        return np.asarray(image, dtype=np.int16)
+
+    walked = Playground()
+    first = generate(walked, 1.0, 1.0)
+    pipe, _ = walked.pipeline("tiny")
+    kept = pipe._studio_scale_layers[1]
+    for a, b in ((0.25, 1.25), (1.5, 0.5)):
+        walked.set_scales("tiny", choices(a, b))
+    assert pipe._studio_scale_layers[1] is kept  # the in-place path ran: no new walk over the modules
+    rescaled = generate(walked, 0.5, 1.5)
+    fresh = generate(Playground(), 0.5, 1.5)
+    assert np.array_equal(rescaled, fresh)
+    assert mean_diff(rescaled, first) > 0.5  # and the scales did act
 
 
 # ----------------------------------------------------------------------------- community export
