@@ -166,10 +166,11 @@ def test_rescaling_a_stack_in_place_draws_what_a_fresh_load_draws(trained, train
     walked = Playground()
     first = generate(walked, 1.0, 1.0)
     pipe, _ = walked.pipeline("tiny")
-    kept = pipe._studio_scale_layers[1]
+    kept = pipe._studio_scale_entries[1]
+    assert kept and all(entry[0] is not None for entry in kept)  # peft's formula reproduced for every layer
     for a, b in ((0.25, 1.25), (1.5, 0.5)):
         walked.set_scales("tiny", choices(a, b))
-    assert pipe._studio_scale_layers[1] is kept  # the in-place path ran: no new walk over the modules
+    assert pipe._studio_scale_entries[1] is kept  # the in-place path ran: no new walk over the modules
     rescaled = generate(walked, 0.5, 1.5)
     fresh = generate(Playground(), 0.5, 1.5)
     assert np.array_equal(rescaled, fresh)

@@ -7,7 +7,7 @@ evaluation can load any run, the CLI's included, without its config.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -32,22 +32,53 @@ def set_scales(pipe, names: list[str], scales: list[float]) -> None:
     """Set the strengths of loaded peft adapters (any kind) in place: no weights are reloaded.
 
     The first call for a set of active adapters goes through diffusers' `set_adapters`, which walks every
-    module of the UNet and text encoders; the adapter layers it finds are kept on the pipeline, and while
-    the same adapters stay loaded and active a scale change only rescales those layers (what `set_adapters`
-    does to each of them), so a slider moves in a few milliseconds with several adapters stacked."""
+    module of the UNet and text encoders. What it did to each adapter layer (scaling = scale * alpha / r,
+    peft's formula, in peft's order) is kept on the pipeline, checked against the values peft set, and
+    while the same adapters stay loaded and active a scale change only rewrites those numbers, so a
+    slider moves in about a millisecond with several adapters stacked."""
     key = (tuple(names), _loaded_adapters(pipe))
-    layers = _fast_layers(pipe, key)
-    if layers is None:
+    entries = _fast_entries(pipe, key)
+    if entries is None:
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=scales)
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for part in _adapter_parts(pipe) for m in part.modules() if isinstance(m, BaseTunerLayer)]
-        pipe._studio_scale_layers = (key, layers)
+        pipe._studio_scale_entries = (key, _scale_entries(pipe, names, scales))
         return
-    for layer in layers:
-        for name, scale in zip(names, scales):
-            layer.set_scale(name, scale)
+    for scaling, layer, index, numerator, denominator in entries:
+        if scaling is None:
+            layer.set_scale(names[index], scales[index])
+        else:
+            scaling[names[index]] = scales[index] * numerator / denominator
+
+
+def _scale_entries(pipe, names: list[str], scales: list[float]) -> list[tuple]:
+    """(scaling dict, layer, adapter index, alpha, r or sqrt(r)) for every adapter in every adapter layer;
+    where the kept formula does not reproduce what peft set, (None, layer, index, ...) and the layer's
+    own set_scale is used instead."""
+    import math
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    entries = []
+    for part in _adapter_parts(pipe):
+        for layer in part.modules():
+            if not isinstance(layer, BaseTunerLayer):
+                continue
+            scaling = getattr(layer, "scaling", None)
+            for index, name in enumerate(names):
+                if not isinstance(scaling, dict) or name not in scaling:
+                    continue
+                if name in getattr(layer, "lora_alpha", {}):  # LoRA, DoRA
+                    r = layer.r[name]
+                    entry = (scaling, layer, index, layer.lora_alpha[name],
+                             math.sqrt(r) if layer.use_rslora.get(name, False) else r)
+                elif name in getattr(layer, "alpha", {}):  # LoHa, LoKr
+                    entry = (scaling, layer, index, layer.alpha[name], layer.r[name])
+                else:
+                    entry = (None, layer, index, None, None)
+                if entry[0] is not None and scaling[name] != scales[index] * entry[3] / entry[4]:
+                    entry = (None, layer, index, None, None)
+                entries.append(entry)
+    return entries
 
 
 def _adapter_parts(pipe) -> list:
@@ -59,14 +90,14 @@ def _loaded_adapters(pipe) -> tuple:
     return tuple(tuple(getattr(part, "peft_config", {}) or {}) for part in _adapter_parts(pipe))
 
 
-def _fast_layers(pipe, key) -> list | None:
-    """The adapter layers kept by the last slow call, if the same adapters are loaded and active and
-    adapters were not switched off since."""
-    kept = getattr(pipe, "_studio_scale_layers", None)
+def _fast_entries(pipe, key) -> list | None:
+    """The entries kept by the last slow call, if the same adapters are loaded and active and adapters
+    were not switched off since."""
+    kept = getattr(pipe, "_studio_scale_entries", None)
     if kept is None or kept[0] != key or not kept[1]:
         return None
-    first = kept[1][0]
-    if first.disable_adapters or list(first.active_adapters) != list(key[0]):
+    layer = kept[1][0][1]
+    if layer.disable_adapters or list(layer.active_adapters) != list(key[0]):
         return None
     return kept[1]
 
@@ -87,12 +118,25 @@ def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
     write_text_atomically(Path(adapter_dir) / ADAPTER_META, yaml.safe_dump(asdict(meta), sort_keys=False))
 
 
+_META_CACHE: dict[str, tuple[tuple[int, int], AdapterMeta]] = {}  # path -> ((mtime_ns, size), meta)
+
+
 def read_meta(adapter_dir: Path) -> AdapterMeta:
+    """The adapter's metadata; parsed once per version of the file (the Playground asks on every
+    slider move, and parsing YAML took most of a scale change)."""
     path = Path(adapter_dir) / ADAPTER_META
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         raise StudioError(f"'{adapter_dir}' holds no trained adapter (no {ADAPTER_META}); "
-                          "pick a run that has finished or been cancelled.")
-    return AdapterMeta(**yaml.safe_load(path.read_text(encoding="utf-8")))
+                          "pick a run that has finished or been cancelled.") from None
+    version = (stat.st_mtime_ns, stat.st_size)
+    known = _META_CACHE.get(str(path))
+    if known is not None and known[0] == version:
+        return replace(known[1])
+    meta = AdapterMeta(**yaml.safe_load(path.read_text(encoding="utf-8")))
+    _META_CACHE[str(path)] = (version, meta)
+    return replace(meta)
 
 
 def module_for(kind: str):
