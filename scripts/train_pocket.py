@@ -28,7 +28,7 @@ ASSETS = REPO / "assets"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "vae", "unet", "clip_vision", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=("clip", "clip_text", "vae", "unet", "clip_vision", "write", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "vae", "unet", "clip_vision", "write") if args.stage == "all" else (args.stage,)
+    stages = ("clip", "clip_text", "vae", "unet", "clip_vision", "write") if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -97,6 +97,19 @@ def stage_clip(args, fit, log) -> None:
     _record(args, "clip", stage, seconds)
 
 
+def stage_clip_text(args, fit, log) -> None:
+    """The text tower sharpened to name every attribute (see fit.train_clip_text); it is the SD text encoder."""
+    from transformers import CLIPModel
+
+    if _finished(args, "clip_text", log):
+        return
+    stage = _schedule(fit, "clip_text", args.steps)
+    clip, seconds = fit.train_clip_text(args.work, stage, args.seed + 20, log,
+                                        start=CLIPModel.from_pretrained(_done(args, "clip")))
+    clip.save_pretrained(_done(args, "clip_text"), safe_serialization=True)
+    _record(args, "clip_text", stage, seconds)
+
+
 def stage_vae(args, fit, log) -> None:
     if _finished(args, "vae", log):
         return
@@ -115,7 +128,7 @@ def stage_unet(args, fit, log) -> None:
     if _finished(args, "unet", log):
         return
     vae = AutoencoderKL.from_pretrained(_done(args, "vae")).eval()
-    text_encoder = fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip")))
+    text_encoder = fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip_text")))
     stage = _schedule(fit, "unet", args.steps)
     unet, seconds = fit.train_unet(args.work, stage, args.seed, log, vae, text_encoder,
                                    CLIPTokenizer.from_pretrained(TOKENIZER_DIR), pool_size=args.pool, stop_at=args.stop_at)
@@ -134,7 +147,7 @@ def stage_clip_vision(args, fit, log) -> None:
         return
     stage = _schedule(fit, "clip_vision", args.steps)
     clip, seconds = fit.train_clip(args.work, stage, args.seed + 10, log,
-                                   start=CLIPModel.from_pretrained(_done(args, "clip")), name="clip_vision")
+                                   start=CLIPModel.from_pretrained(_done(args, "clip_text")), name="clip_vision")
     clip.save_pretrained(_done(args, "clip_vision"), safe_serialization=True)
     _record(args, "clip_vision", stage, seconds)
 
@@ -145,7 +158,7 @@ def stage_write(args, fit, log) -> None:
 
     from studio.pocket import POCKET_VERSION
 
-    names = ("clip", "vae", "unet", "clip_vision")
+    names = ("clip", "clip_text", "vae", "unet", "clip_vision")
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
     clip = CLIPModel.from_pretrained(_done(args, "clip_vision"))

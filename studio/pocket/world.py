@@ -63,20 +63,38 @@ def split(seed: int = SPLIT_SEED) -> tuple[list[Scene], list[Scene]]:
 def partial_caption(scene: Scene, rng: random.Random, drop: float) -> str:
     """A caption that names only some attributes (each left out with probability `drop`), the way people
     write prompts; the shape becomes the word 'shape' when left out. Never wrong, only less specific."""
-    words = [rng.choice(PREFIXES)]
+    return named_caption(scene, rng, drop)[0]
+
+
+def named_caption(scene: Scene, rng: random.Random, drop: float) -> tuple[str, set[str]]:
+    """partial_caption and the attributes it names (the same draws from `rng`). 'Plain' is never a word:
+    the texture counts as named when the caption says 'striped', or when a plain scene's caption names
+    every other attribute (a full caption without 'striped' means plain)."""
+    words, named = [rng.choice(PREFIXES)], set()
     if rng.random() > drop:
         words.append(scene.size)
+        named.add("size")
     if scene.texture == "striped" and rng.random() > drop:
         words.append("striped")
+        named.add("texture")
     if rng.random() > drop:
         words.append(scene.colour)
-    words.append(scene.shape if rng.random() > drop / 3 else "shape")
+        named.add("colour")
+    if rng.random() > drop / 3:
+        words.append(scene.shape)
+        named.add("shape")
+    else:
+        words.append("shape")
     text = " ".join(words)
     if rng.random() > drop:
         text += f" on a {scene.background} background"
+        named.add("background")
     if rng.random() > drop:
         text += f", {scene.position}"
-    return text
+        named.add("position")
+    if scene.texture == "plain" and named >= {"size", "colour", "shape", "background", "position"}:
+        named.add("texture")
+    return text, named
 
 
 # ---------------------------------------------------------------------------- drawing
