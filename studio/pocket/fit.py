@@ -42,7 +42,7 @@ STAGES = {
     "vae": Stage(steps=2100, batch=16, lr=1e-3),
     "unet": Stage(steps=4000, batch=32, lr=1e-3, warmup=200),
     "clip_text": Stage(steps=600, batch=128, lr=5e-4, warmup=50),
-    "clip_vision": Stage(steps=1500, batch=96, lr=5e-4),
+    "clip_vision": Stage(steps=3000, batch=96, lr=5e-4),
 }
 
 
@@ -259,6 +259,11 @@ def train_clip(work: Path, stage: Stage, seed: int, log: Log, start=None, name: 
         accuracy = (per_image.argmax(1) == target).float().mean().item()
         seen = " ".join(f"{k[:3]} {v:.2f}" for k, v in image_acc.items())
         read = " ".join(f"{k[:3]} {v:.2f}" for k, v in text_acc.items())
+        if start is not None:
+            # By the vision stage every attribute but the shape reads out near 100%, and a mean over six
+            # read-outs leaves the shape a sixth of the weight: a vision tower trained on shape alone named
+            # it 62% of the time after 600 steps, this stage 38% after 1,500. The sum gives it full weight.
+            image_aux = image_aux * len(ATTRIBUTES)
         return (contrastive + image_aux + text_aux,
                 f"acc {accuracy:.2f} image: {seen} text: {read} scale {model.logit_scale.exp().item():.1f}")
 
