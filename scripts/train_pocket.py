@@ -5,8 +5,9 @@
     python scripts/train_pocket.py --work /tmp/pocket-work --stage write  # assets/pocket-sd, assets/pocket-clip
     python scripts/train_pocket.py --demo                                 # assets/demo-concept/*.png
 
-Stages run in order clip -> vae -> unet (the UNet needs the CLIP text tower and the VAE); clip and
-vae are independent and may run at the same time in two processes. A stage that was interrupted
+Stages run in order clip -> clip_text -> vae -> unet -> write. clip is the evaluation CLIP (both towers,
+contrastive); clip_text sharpens its text tower alone, which becomes the SD text encoder; the UNet needs
+that tower and the VAE. clip and vae are independent and may run at the same time in two processes. A stage that was interrupted
 continues from its last checkpoint in --work when started again; a finished stage is not rerun.
 Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
 """
@@ -28,7 +29,7 @@ ASSETS = REPO / "assets"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "clip_text", "vae", "unet", "clip_vision", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=("clip", "clip_text", "vae", "unet", "write", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "clip_text", "vae", "unet", "clip_vision", "write") if args.stage == "all" else (args.stage,)
+    stages = ("clip", "clip_text", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -139,32 +140,19 @@ def stage_unet(args, fit, log) -> None:
         (_done(args, "unet") / "trained.json").write_text(json.dumps({**record, "stopped_at": args.stop_at}))
 
 
-def stage_clip_vision(args, fit, log) -> None:
-    """The evaluation CLIP's second stage: vision tower and projections only (see fit.train_clip)."""
-    from transformers import CLIPModel
-
-    if _finished(args, "clip_vision", log):
-        return
-    stage = _schedule(fit, "clip_vision", args.steps)
-    clip, seconds = fit.train_clip(args.work, stage, args.seed + 10, log,
-                                   start=CLIPModel.from_pretrained(_done(args, "clip_text")), name="clip_vision")
-    clip.save_pretrained(_done(args, "clip_vision"), safe_serialization=True)
-    _record(args, "clip_vision", stage, seconds)
-
-
 def stage_write(args, fit, log) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
 
     from studio.pocket import POCKET_VERSION
 
-    names = ("clip", "clip_text", "vae", "unet", "clip_vision")
+    names = ("clip", "clip_text", "vae", "unet")
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
-    clip = CLIPModel.from_pretrained(_done(args, "clip_vision"))
-    fit.write_clip(clip, args.out / "pocket-clip", info)
-    # The text tower did not train in the second CLIP stage: the SD text encoder is the same weights.
-    fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")), fit.text_encoder_from(clip),
+    fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip")), args.out / "pocket-clip", info)
+    # The SD text encoder is the text tower after the text-only stage, the one the UNet trained with.
+    fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")),
+                       fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip_text"))),
                        UNet2DConditionModel.from_pretrained(_done(args, "unet")), args.out / "pocket-sd", info)
     log(f"wrote {args.out / 'pocket-sd'} and {args.out / 'pocket-clip'}")
 

@@ -7,9 +7,10 @@ Arithmetic that sets the sizes:
   attends at every level but the lowest); each 3x3 convolution costs about what one of the old tiny
   random model's did (64 ch x 16^2 = 32 ch x 32^2 in multiply-adds per output channel pair).
 - CLIP: width 64, 4 layers in each tower, ViT patch 8 (64 tokens per image): a contrastive step on
-  128 images and 256 captions took ~0.3 s here, against ~5 s at width 128. Its text tower, frozen, is
-  the SD text encoder, as OpenAI CLIP's is in SD 1.x. The 49,408-row token table (the real CLIP
-  vocabulary) is 3.2 M of its ~3.6 M parameters; most rows are never used by the pocket world.
+  128 images and 256 captions took ~0.3 s here, against ~5 s at width 128. Its text tower, sharpened
+  alone (fit.train_clip_text) and frozen, is the SD text encoder, as OpenAI CLIP's is in SD 1.x. The
+  49,408-row token table (the real CLIP vocabulary) is 3.2 M of its ~3.6 M parameters; most rows are
+  never used by the pocket world.
 """
 
 from __future__ import annotations
