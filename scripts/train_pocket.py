@@ -7,8 +7,9 @@
 
 Stages run in order clip -> clip_text -> vae -> unet -> write. clip is the evaluation CLIP (both towers,
 contrastive); clip_text sharpens its text tower alone, which becomes the SD text encoder; the UNet needs
-that tower and the VAE. clip and vae are independent and may run at the same time in two processes. A stage that was interrupted
-continues from its last checkpoint in --work when started again; a finished stage is not rerun.
+that tower and the VAE. clip and vae are independent and may run at the same time in two processes.
+A stage that was interrupted continues from its last checkpoint in --work when started again; a
+finished stage is not rerun.
 Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
 """
 

@@ -201,10 +201,13 @@ def demo_images(seed: int = 0) -> list[Image.Image]:
     return [render_demo(rng, *view) for view in DEMO_VIEWS]
 
 
+# Every attribute of a scene and its values, in caption order (hard negatives and training read-outs).
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
+              "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
+
+
 def hard_negative(scene: Scene, rng: random.Random) -> Scene:
     """The same scene with one attribute changed: a caption that is wrong in exactly one word."""
-    field = rng.choice(("shape", "colour", "size", "texture", "position", "background"))
-    options = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
-               "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}[field]
-    value = rng.choice([o for o in options if o != getattr(scene, field)])
+    field = rng.choice(tuple(ATTRIBUTES))
+    value = rng.choice([o for o in ATTRIBUTES[field] if o != getattr(scene, field)])
     return replace(scene, **{field: value})
