@@ -321,3 +321,40 @@ def test_real_evaluation_of_a_trained_run(tmp_path, dataset_dir, run_copy):
     assert isinstance(seen[-1], events.Finished) and seen[-1].status == "completed"
     in_run = pd.read_csv(RunPaths(run_copy).eval / SUMMARY_CSV)
     assert list(in_run["point"]) == ["dataset", "base model", f"{run_copy.name} @30 ×1"]
+
+
+def test_the_page_draws_an_evaluation_only_once_its_report_is_written(tmp_path, dataset_dir, run_copy, fake):
+    """The job writes the sweep grid after the last event; a timer tick in between must not draw the results
+    without it (and then never again)."""
+    import threading
+
+    from studio.evaluate.report import GRID_PNG, write_report
+    from studio.paths import Workspace
+    from studio.ui import evaluate_tab
+    from studio.ui.context import Studio
+
+    studio = Studio(Workspace(tmp_path / "ws"), "tiny")
+    cfg = EvalConfig(dataset=str(dataset_dir), runs=[str(run_copy)], model="tiny", clip="tiny", dino="tiny",
+                     contexts=["in a forest"], per_kind=1, seeds=1, steps=2, scales=[1.0])
+    out = tmp_path / "eval"
+    scored, release = threading.Event(), threading.Event()
+
+    def work(should_stop):
+        result = evaluate(cfg, out, playground=fake)
+        scored.set()
+        release.wait(60)
+        write_report(out, result.table, result.images, result.recommendation)
+        return result
+
+    studio.jobs.start("evaluate", out.name, out, work)
+    assert scored.wait(120)
+    status, *_, drawn = evaluate_tab._view(studio, str(out), None)
+    assert status == "Writing the report…" and drawn is None
+    assert not (out / GRID_PNG).exists()
+    release.set()
+    assert studio.jobs.wait(60).status == "completed"
+    status, scatter, heatmap, grid, *_, drawn = evaluate_tab._view(studio, str(out), drawn)
+    assert grid == str(out / GRID_PNG) and (out / GRID_PNG).is_file()
+    assert status.startswith(events.read_events(out / "events.jsonl")[-1].message)
+    assert drawn is not None
+    assert evaluate_tab._view(studio, str(out), drawn)[-1] == drawn  # later ticks redraw nothing

@@ -155,6 +155,9 @@ def _view(studio: Studio, folder, drawn=None):
     root = Path(folder)
     if finished.status != "completed" or not (root / SUMMARY_CSV).exists():
         return [finished.message] + keep[1:]
+    if job is not None and job.kind == "evaluate" and job.active and Path(job.folder) == root:
+        # The job writes the plots and the sweep grid after the last event: draw once they are on disk.
+        return ["Writing the report…"] + keep[1:]
     key = f"{root}:{(root / SUMMARY_CSV).stat().st_mtime_ns}"
     if key == drawn:
         return keep
