@@ -40,11 +40,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generated image")
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0],
                         help="classifier-free guidance scales to measure generation at; the first one serves the demo")
-    parser.add_argument("--lora-steps", type=int, default=150)
-    parser.add_argument("--lora-lr", type=float, default=2e-3)
+    from studio.pocket.quality import DEMO_RECIPE
+
+    parser.add_argument("--lora-steps", type=int, default=DEMO_RECIPE["steps"])
+    parser.add_argument("--lora-lr", type=float, default=DEMO_RECIPE["learning_rate"])
+    parser.add_argument("--lora-batch", type=int, default=DEMO_RECIPE["batch_size"])
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the demo evaluation")
     parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--clip", default="builtin", help="the judging CLIP: 'builtin' (assets/pocket-clip) or a folder")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pocket-"))
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     from studio.pocket import quality
 
     print(f"torch threads {args.threads}; model {models.builtin_dir()}")
-    clip = ClipEmbedder("builtin")
+    clip = ClipEmbedder(args.clip)
     held = quality.held_out_scenes()
     t0 = time.perf_counter()
     retrieval = quality.caption_retrieval(clip, held)
@@ -94,18 +98,20 @@ def demo_lora(args, tmp: Path) -> None:
     from studio.config import build_config
     from studio.evaluate.protocol import EvalConfig, evaluate
     from studio.pocket import quality
+    from studio.pocket.quality import DEMO_RECIPE
 
     data = tmp / "demo"
     quality.demo_dataset(data)
     cfg = build_config(values=dict(model="builtin", dataset=str(data), method="lora", steps=args.lora_steps,
                                    learning_rate=args.lora_lr, rank=args.lora_rank, alpha=float(args.lora_rank),
+                                   batch_size=args.lora_batch, min_snr_gamma=DEMO_RECIPE["min_snr_gamma"],
                                    sample_every=0, checkpoint_every=0, sample_prompts=[]))
     t0 = time.perf_counter()
     result = train.run(cfg, tmp / "runs" / "demo-lora")
     seconds = time.perf_counter() - t0
     print(f"\n3. LoRA on the demo concept: {result.status}, {result.step} steps, rank {args.lora_rank}, "
-          f"lr {args.lora_lr}, {seconds:.0f} s including loading  target <= 180 s: {_verdict(seconds <= 180)}")
-    ev = evaluate(EvalConfig(dataset=str(data), runs=[str(result.run_dir)], model="builtin", clip="builtin",
+          f"lr {args.lora_lr}, batch {args.lora_batch}, {seconds:.0f} s including loading  target <= 180 s: {_verdict(seconds <= 180)}")
+    ev = evaluate(EvalConfig(dataset=str(data), runs=[str(result.run_dir)], model="builtin", clip=args.clip,
                              dino="none", kinds=["context"], contexts=DEMO_CONTEXTS, seeds=args.seeds,
                              steps=args.steps, guidance=args.guidance[0]), tmp / "eval")
     table = ev.table.set_index("point")

@@ -5,9 +5,10 @@
     python scripts/train_pocket.py --work /tmp/pocket-work --stage write  # assets/pocket-sd, assets/pocket-clip
     python scripts/train_pocket.py --demo                                 # assets/demo-concept/*.png
 
-Stages run in order clip -> clip_text -> vae -> unet -> write. clip is the evaluation CLIP (both towers,
-contrastive); clip_text sharpens its text tower alone, which becomes the SD text encoder; the UNet needs
-that tower and the VAE. clip and vae are independent and may run at the same time in two processes.
+Stages run in order clip -> clip_text -> clip_shapes -> vae -> unet -> write. clip trains both towers
+contrastively; clip_text sharpens its text tower alone, which becomes the SD text encoder; clip_shapes
+continues clip with the weight on shapes and is the evaluation CLIP; the UNet needs the clip_text tower
+and the VAE. clip and vae are independent and may run at the same time in two processes.
 A stage that was interrupted continues from its last checkpoint in --work when started again; a
 finished stage is not rerun.
 Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
@@ -30,7 +31,7 @@ ASSETS = REPO / "assets"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "clip_text", "vae", "unet", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=("clip", "clip_text", "clip_shapes", "vae", "unet", "write", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "clip_text", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
+    stages = ("clip", "clip_text", "clip_shapes", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -112,6 +113,19 @@ def stage_clip_text(args, fit, log) -> None:
     _record(args, "clip_text", stage, seconds)
 
 
+def stage_clip_shapes(args, fit, log) -> None:
+    """clip continued with shape-weighted negatives and read-outs (fit.SHAPES_FOCUS): the evaluation CLIP."""
+    from transformers import CLIPModel
+
+    if _finished(args, "clip_shapes", log):
+        return
+    stage = _schedule(fit, "clip_shapes", args.steps)
+    clip, seconds = fit.train_clip(args.work, stage, args.seed + 30, log, start=CLIPModel.from_pretrained(_done(args, "clip")),
+                                   name="clip_shapes", **fit.SHAPES_FOCUS)
+    clip.save_pretrained(_done(args, "clip_shapes"), safe_serialization=True)
+    _record(args, "clip_shapes", stage, seconds)
+
+
 def stage_vae(args, fit, log) -> None:
     if _finished(args, "vae", log):
         return
@@ -147,10 +161,10 @@ def stage_write(args, fit, log) -> None:
 
     from studio.pocket import POCKET_VERSION
 
-    names = ("clip", "clip_text", "vae", "unet")
+    names = ("clip", "clip_text", "clip_shapes", "vae", "unet")
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
-    fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip")), args.out / "pocket-clip", info)
+    fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip_shapes")), args.out / "pocket-clip", info)
     # The SD text encoder is the text tower after the text-only stage, the one the UNet trained with.
     fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")),
                        fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip_text"))),
