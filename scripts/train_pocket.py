@@ -72,10 +72,11 @@ def _done(args, name: str) -> Path:
 def _record(args, name: str, stage, seconds: float) -> None:
     """What trained the stage; `phases` lists the step count of each invocation (see _finished)."""
     path = _done(args, name) / "trained.json"
-    phases = json.loads(path.read_text()).get("phases", []) if path.exists() else []
+    before = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: before[k] for k in ("carried_over",) if k in before}  # where an earlier phase's weights came from
     path.write_text(json.dumps(
         {"steps": stage.steps, "batch": stage.batch, "lr": stage.lr, "seconds": round(seconds), "seed": args.seed,
-         "threads": args.threads, "phases": phases + [stage.steps]}))
+         "threads": args.threads, "phases": before.get("phases", []) + [stage.steps], **kept}))
 
 
 def _finished(args, name: str, log) -> bool:
