@@ -290,9 +290,9 @@ def train_clip_text(work: Path, stage: Stage, seed: int, log: Log, start, name: 
     text embedding stayed near 50%). This tower is also the pocket SD's frozen text encoder, which must
     keep the shape it is asked for; here it learns to. Only its text tower ships (as the SD text encoder):
     without the contrastive term its embeddings drift away from the images', so the evaluation CLIP is
-    the joint stage's model (train_clip). Training the vision side against this tower instead (text
-    frozen, read-outs on the images summed) reached 88.1% caption retrieval after 800 steps against the
-    joint model's 90.6%, still naming shapes no better (35%)."""
+    the joint model (train_clip, continued by the clip_shapes stage). Training the vision side against
+    this tower instead (text frozen, read-outs on the images summed) reached 88.1% caption retrieval
+    after 800 steps against the joint model's 90.6%, still naming shapes no better (35%)."""
     from transformers import CLIPTokenizer
 
     from studio.models import TOKENIZER_DIR
