@@ -457,8 +457,7 @@ def bench_rescore(args, work: Path, runs: list[Path]) -> tuple[list[Row], list[s
     out = work / "evals" / "bench"
     wait_for_quiet(args.max_load, args.quiet_wait)
     start = time.perf_counter()
-    result = evaluate(cfg, out, playground=Counting())
-    write_report(out, result.table, result.images, result.recommendation)
+    result = evaluate(cfg, out, playground=Counting())  # writes its report too
     full_s = time.perf_counter() - start
     generated = Counting.calls
     start = time.perf_counter()

@@ -228,17 +228,14 @@ def cmd_evaluate(args) -> int:
     if result.status != "completed":
         print(result.message)
         return 1
-    from studio.evaluate.report import write_report
-
     shown = ["point", "clip_i", "dino", "clip_t", "image_similarity", "prompt_similarity", "preservation", "kid", "vendi"]
     print(result.table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for warning in sorted({w for w in result.table["warning"].fillna("") if w}):
         print(f"Note: {warning}")
     if result.recommendation:
         print(f"Recommended: {result.recommendation['reason']}")
-    files = write_report(result.out_dir, result.table, result.images, result.recommendation)
     print(f"Results: {Path(result.out_dir) / 'results.csv'} (one row per image), summary.csv; "
-          f"plots: {', '.join(f.name for f in files)}")
+          f"plots: {', '.join(f.name for f in result.plots)}")
     return 0
 
 

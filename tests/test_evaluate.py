@@ -324,11 +324,9 @@ def test_real_evaluation_of_a_trained_run(tmp_path, dataset_dir, run_copy):
 
 
 def test_the_page_draws_an_evaluation_only_once_its_report_is_written(tmp_path, dataset_dir, run_copy, fake):
-    """The job writes the sweep grid after the last event; a timer tick in between must not draw the results
-    without it (and then never again)."""
-    import threading
-
-    from studio.evaluate.report import GRID_PNG, write_report
+    """The report (plots, sweep grid) is on disk before the last event: a timer tick that sees Finished
+    draws the results with their grid (a page that drew them without it never drew the grid again)."""
+    from studio.evaluate.report import GRID_PNG
     from studio.paths import Workspace
     from studio.ui import evaluate_tab
     from studio.ui.context import Studio
@@ -337,23 +335,16 @@ def test_the_page_draws_an_evaluation_only_once_its_report_is_written(tmp_path, 
     cfg = EvalConfig(dataset=str(dataset_dir), runs=[str(run_copy)], model="tiny", clip="tiny", dino="tiny",
                      contexts=["in a forest"], per_kind=1, seeds=1, steps=2, scales=[1.0])
     out = tmp_path / "eval"
-    scored, release = threading.Event(), threading.Event()
+    at_finish = []  # what a tick drew the moment Finished reached the log (listeners run after the write)
 
-    def work(should_stop):
-        result = evaluate(cfg, out, playground=fake)
-        scored.set()
-        release.wait(60)
-        write_report(out, result.table, result.images, result.recommendation)
-        return result
+    def tick(event):
+        if isinstance(event, events.Finished):
+            at_finish.append(((out / GRID_PNG).is_file(), evaluate_tab._view(studio, str(out), None)))
 
-    studio.jobs.start("evaluate", out.name, out, work)
-    assert scored.wait(120)
-    status, *_, drawn = evaluate_tab._view(studio, str(out), None)
-    assert status == "Writing the report…" and drawn is None
-    assert not (out / GRID_PNG).exists()
-    release.set()
-    assert studio.jobs.wait(60).status == "completed"
-    status, scatter, heatmap, grid, *_, drawn = evaluate_tab._view(studio, str(out), drawn)
+    result = evaluate(cfg, out, on_event=tick, playground=fake)
+    assert result.status == "completed" and [p.name for p in result.plots if p.suffix == ".png"] == [GRID_PNG]
+    (grid_on_disk, (status, scatter, heatmap, grid, *_, drawn)), = at_finish
+    assert grid_on_disk
     assert grid == str(out / GRID_PNG) and (out / GRID_PNG).is_file()
     assert status.startswith(events.read_events(out / "events.jsonl")[-1].message)
     assert drawn is not None

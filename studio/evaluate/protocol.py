@@ -102,6 +102,7 @@ class EvalResult:
     out_dir: Path
     images: object = None  # pandas.DataFrame, one row per generated image (results.csv)
     recommendation: dict | None = None
+    plots: list = field(default_factory=list)  # the report's files (report.write_report), written before Finished
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,10 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     for store in stores.values():
         store.save()
     result = _score_and_save(out_dir, table, stores, points)
+    from studio.evaluate.report import write_report  # report imports this module
+
+    # The plots and the sweep grid are on disk before the last event: a reader that sees Finished sees them.
+    result.plots = write_report(out_dir, result.table, result.images, result.recommendation)
     message = (f"Evaluated {len(points) - 1} point(s) of {len(cfg.runs)} run(s) and the base model on "
                f"{counter.done} generated images.")
     emit(events.Finished("completed", counter.done, message))

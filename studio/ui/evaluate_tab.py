@@ -89,7 +89,6 @@ def _start(studio: Studio, model, data: dict):
 
     from studio import hosting
     from studio.evaluate.protocol import EvalConfig, evaluate
-    from studio.evaluate.report import write_report
 
     if not data["dataset"]:
         raise gr.Error("Choose the dataset the runs were trained on.", print_exception=False)
@@ -112,11 +111,8 @@ def _start(studio: Studio, model, data: dict):
                      seeds=int(data["seeds"] or 1), steps=int(data["steps"] or 1), scales=scales or [1.0],
                      checkpoints=data["checkpoints"])
 
-    def work(should_stop):
-        result = evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))
-        if result.status == "completed":
-            write_report(out, result.table, result.images, result.recommendation)
-        return result
+    def work(should_stop):  # the report is written by evaluate, before its last event
+        return evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))
 
     studio.jobs.start("evaluate", out.name, out, work)
     return str(out), "Evaluation started…"
@@ -155,9 +151,6 @@ def _view(studio: Studio, folder, drawn=None):
     root = Path(folder)
     if finished.status != "completed" or not (root / SUMMARY_CSV).exists():
         return [finished.message] + keep[1:]
-    if job is not None and job.kind == "evaluate" and job.active and Path(job.folder) == root:
-        # The job writes the plots and the sweep grid after the last event: draw once they are on disk.
-        return ["Writing the report…"] + keep[1:]
     key = f"{root}:{(root / SUMMARY_CSV).stat().st_mtime_ns}"
     if key == drawn:
         return keep
