@@ -98,14 +98,12 @@ def demo_lora(args, tmp: Path) -> None:
     from studio.config import build_config
     from studio.evaluate.protocol import EvalConfig, evaluate
     from studio.pocket import quality
-    from studio.pocket.quality import DEMO_RECIPE
 
     data = tmp / "demo"
     quality.demo_dataset(data)
-    cfg = build_config(values=dict(model="builtin", dataset=str(data), method="lora", steps=args.lora_steps,
-                                   learning_rate=args.lora_lr, rank=args.lora_rank, alpha=float(args.lora_rank),
-                                   batch_size=args.lora_batch, min_snr_gamma=DEMO_RECIPE["min_snr_gamma"],
-                                   sample_every=0, checkpoint_every=0, sample_prompts=[]))
+    recipe = dict(quality.DEMO_RECIPE, steps=args.lora_steps, learning_rate=args.lora_lr, batch_size=args.lora_batch)
+    cfg = build_config(values=dict(model="builtin", dataset=str(data), method="lora", **recipe, rank=args.lora_rank,
+                                   alpha=float(args.lora_rank), sample_every=0, checkpoint_every=0, sample_prompts=[]))
     t0 = time.perf_counter()
     result = train.run(cfg, tmp / "runs" / "demo-lora")
     seconds = time.perf_counter() - t0
