@@ -2,8 +2,8 @@
 
 - `world`:  the scene vocabulary, the renderer, captions, the held-out split and the demo concept;
 - `nets`:   the architectures (a Stable-Diffusion-shaped VAE, UNet and CLIP text tower; a CLIPModel);
-- `fit`:    the training stages (CLIP, its text tower alone, CLIP weighted to shapes, VAE, UNet) with checkpoints that resume,
-            and the pipeline writer.
+- `fit`:    the training stages (CLIP, its text tower alone, CLIP weighted to shapes, VAE, UNet) with
+            checkpoints that resume, and the pipeline writer.
 
 The shipped weights live in assets/pocket-sd and assets/pocket-clip; `scripts/train_pocket.py`
 retrains them from a seed.
