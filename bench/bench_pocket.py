@@ -84,7 +84,10 @@ def main(argv=None) -> int:
         drawn = quality.match(clip, images, held)
         print(f"   generated, guidance {guidance:g} ({seconds / len(held):.2f} s per image): {drawn.line()}"
               f"  target shape+colour >= 70%: {_verdict(drawn.shape_and_colour >= 0.7)}")
-        _save_grid(images[:48], Path(tempfile.gettempdir()) / f"bench-pocket-generated-g{guidance:g}.png")
+        # eight of each shape, one shape a row (the held-out list is ordered by shape)
+        shown = [i for shape in world.SHAPES for i in [k for k, s in enumerate(held) if s.shape == shape][:8]]
+        _save_grid([images[i] for i in shown], Path(tempfile.gettempdir()) / f"bench-pocket-generated-g{guidance:g}.png",
+                   cols=8)
     if not args.skip_lora:
         demo_lora(args, tmp)
     import shutil
@@ -124,15 +127,14 @@ def demo_lora(args, tmp: Path) -> None:
     print(f"   contexts: {DEMO_CONTEXTS}; {args.seeds} seeds per prompt")
 
 
-def _save_grid(images, path: Path) -> None:
+def _save_grid(images, path: Path, cols: int = 12) -> None:
     from PIL import Image
 
-    cols = 12
     grid = Image.new("RGB", (64 * cols, 64 * ((len(images) + cols - 1) // cols)))
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * 64, (i // cols) * 64))
     grid.save(path)
-    print(f"   first {len(images)} generated images: {path}")
+    print(f"   {len(images)} generated images: {path}")
 
 
 def _verdict(ok: bool) -> str:

@@ -5,10 +5,11 @@
     python scripts/train_pocket.py --work /tmp/pocket-work --stage write  # assets/pocket-sd, assets/pocket-clip
     python scripts/train_pocket.py --demo                                 # assets/demo-concept/*.png
 
-Stages run in order clip -> clip_text -> clip_shapes -> vae -> unet -> write. clip trains both towers
-contrastively; clip_text sharpens its text tower alone, which becomes the SD text encoder; clip_shapes
-continues clip with the weight on shapes and is the evaluation CLIP; the UNet needs the clip_text tower
-and the VAE. clip and vae are independent and may run at the same time in two processes.
+Stages run in order clip -> clip_text -> clip_shapes -> vae -> vae_decoder -> unet -> write. clip trains
+both towers contrastively; clip_text sharpens its text tower alone, which becomes the SD text encoder;
+clip_shapes continues clip with the weight on shapes and is the evaluation CLIP; vae_decoder trains the
+VAE's decoder further with its encoder frozen, so the latents do not change; the UNet needs the clip_text
+tower and the VAE's encoder. clip and vae are independent and may run at the same time in two processes.
 A stage that was interrupted continues from its last checkpoint in --work when started again; a
 finished stage is not rerun.
 Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
@@ -31,7 +32,7 @@ ASSETS = REPO / "assets"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "clip_text", "clip_shapes", "vae", "unet", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet", "write", "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "clip_text", "clip_shapes", "vae", "unet", "write") if args.stage == "all" else (args.stage,)
+    stages = ("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet", "write") if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -127,6 +128,19 @@ def stage_clip_shapes(args, fit, log) -> None:
     _record(args, "clip_shapes", stage, seconds)
 
 
+def stage_clip_robust(args, fit, log) -> None:
+    """clip_shapes continued with half its images degraded (fit.ROBUST): the evaluation CLIP."""
+    from transformers import CLIPModel
+
+    if _finished(args, "clip_robust", log):
+        return
+    stage = _schedule(fit, "clip_robust", args.steps)
+    clip, seconds = fit.train_clip(args.work, stage, args.seed + 40, log,
+                                   start=CLIPModel.from_pretrained(_done(args, "clip_shapes")), name="clip_robust", **fit.ROBUST)
+    clip.save_pretrained(_done(args, "clip_robust"), safe_serialization=True)
+    _record(args, "clip_robust", stage, seconds)
+
+
 def stage_vae(args, fit, log) -> None:
     if _finished(args, "vae", log):
         return
@@ -134,6 +148,19 @@ def stage_vae(args, fit, log) -> None:
     vae, seconds = fit.train_vae(args.work, stage, args.seed, log)
     vae.save_pretrained(_done(args, "vae"), safe_serialization=True)
     _record(args, "vae", stage, seconds)
+
+
+def stage_vae_decoder(args, fit, log) -> None:
+    """The vae stage's decoder trained further, its encoder frozen (fit.train_vae_decoder): what ships."""
+    from diffusers import AutoencoderKL
+
+    if _finished(args, "vae_decoder", log):
+        return
+    stage = _schedule(fit, "vae_decoder", args.steps)
+    vae, seconds = fit.train_vae_decoder(args.work, stage, args.seed, log,
+                                         start=AutoencoderKL.from_pretrained(_done(args, "vae")))
+    vae.save_pretrained(_done(args, "vae_decoder"), safe_serialization=True)
+    _record(args, "vae_decoder", stage, seconds)
 
 
 def stage_unet(args, fit, log) -> None:
@@ -144,7 +171,7 @@ def stage_unet(args, fit, log) -> None:
 
     if _finished(args, "unet", log):
         return
-    vae = AutoencoderKL.from_pretrained(_done(args, "vae")).eval()
+    vae = AutoencoderKL.from_pretrained(_done(args, "vae")).eval()  # only its encoder is used: vae_decoder's is the same
     text_encoder = fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip_text")))
     stage = _schedule(fit, "unet", args.steps)
     unet, seconds = fit.train_unet(args.work, stage, args.seed, log, vae, text_encoder,
@@ -162,12 +189,13 @@ def stage_write(args, fit, log) -> None:
 
     from studio.pocket import POCKET_VERSION
 
-    names = ("clip", "clip_text", "clip_shapes", "vae", "unet")
+    names = ("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet")
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
-    fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip_shapes")), args.out / "pocket-clip", info)
-    # The SD text encoder is the text tower after the text-only stage, the one the UNet trained with.
-    fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae")),
+    fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip_robust")), args.out / "pocket-clip", info)
+    # The SD text encoder is the text tower after the text-only stage, the one the UNet trained with; the VAE
+    # is the vae stage's encoder with the vae_decoder stage's decoder.
+    fit.write_pipeline(AutoencoderKL.from_pretrained(_done(args, "vae_decoder")),
                        fit.text_encoder_from(CLIPModel.from_pretrained(_done(args, "clip_text"))),
                        UNet2DConditionModel.from_pretrained(_done(args, "unet")), args.out / "pocket-sd", info)
     log(f"wrote {args.out / 'pocket-sd'} and {args.out / 'pocket-clip'}")

@@ -43,6 +43,8 @@ STAGES = {
     "unet": Stage(steps=2400, batch=32, lr=1e-3, warmup=200),
     "clip_text": Stage(steps=600, batch=128, lr=5e-4, warmup=50),
     "clip_shapes": Stage(steps=1600, batch=64, lr=1e-3, warmup=50),
+    "clip_robust": Stage(steps=2000, batch=64, lr=5e-4, warmup=50),
+    "vae_decoder": Stage(steps=3000, batch=16, lr=5e-4, warmup=50),
 }
 
 
@@ -225,10 +227,36 @@ def clip_batch(rng: random.Random, scenes: list, n: int, shape_negatives: float 
 
 
 SHAPES_FOCUS = dict(shape_negatives=0.5, readout_scale=10.0, readout_weights={"shape": 5.0})
+# clip_robust: SHAPES_FOCUS, with half the images degraded (blur, a faint smudge, noise; see `degrade_images`)
+ROBUST = dict(SHAPES_FOCUS, degrade=0.5)
+
+
+def degrade_images(pixels: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """Each [-1, 1] image, with probability p, blurred (a Gaussian of sigma 0.4-1.2 px), overlaid with a
+    faint smudge (a soft spot of a random colour, radius 2-6 px, opacity up to 0.35, anywhere) and given
+    pixel noise (std up to 0.05). None of these changes what the scene is; a judge of generated images
+    must name the shape through the softness and stray marks that any decoder leaves."""
+    out = pixels.clone()
+    size = pixels.shape[-1]
+    grid = torch.arange(size, dtype=torch.float32)
+    for i in (torch.rand(len(pixels), generator=generator) < p).nonzero().flatten().tolist():
+        u = torch.rand(9, generator=generator)
+        sigma = 0.4 + 0.8 * u[0].item()
+        kernel = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / (2 * sigma ** 2))
+        kernel = (kernel / kernel.sum()).view(1, 1, 1, 5).repeat(3, 1, 1, 1)
+        x = F.conv2d(F.pad(pixels[i:i + 1], (2, 2, 0, 0), mode="replicate"), kernel, groups=3)
+        x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), kernel.transpose(2, 3), groups=3)
+        cy, cx, radius, opacity = u[1] * size, u[2] * size, 2 + 4 * u[3], 0.35 * u[4]
+        spot = opacity * torch.exp(-((grid.view(-1, 1) - cy) ** 2 + (grid.view(1, -1) - cx) ** 2) / (2 * radius ** 2))
+        x = x * (1 - spot) + (u[5:8] * 2 - 1).view(1, 3, 1, 1) * spot
+        x = x + 0.05 * u[8] * torch.randn(x.shape, generator=generator)
+        out[i] = x[0].clamp(-1, 1)
+    return out
 
 
 def train_clip(work: Path, stage: Stage, seed: int, log: Log, start=None, name: str = "clip",
-               shape_negatives: float = 0.0, readout_scale: float = 1.0, readout_weights: dict | None = None):
+               shape_negatives: float = 0.0, readout_scale: float = 1.0, readout_weights: dict | None = None,
+               degrade: float = 0.0):
     """Contrastive training with attribute read-outs on both embeddings (AttributeReadout), from scratch
     or from the CLIPModel `start`.
 
@@ -236,7 +264,8 @@ def train_clip(work: Path, stage: Stage, seed: int, log: Log, start=None, name: 
     it named the shape of held-out scenes 35.6% of the time (chance 17%). The `clip_shapes` stage
     continues from there with SHAPES_FOCUS: half the hard negatives differ in shape, and the read-outs'
     logits are scaled up (they sit on unit-norm embeddings, so unscaled they learn slowly) with shape
-    weighing as much as the other five attributes together. Its result is the shipped evaluation CLIP
+    weighing as much as the other five attributes together. The `clip_robust` stage continues that with
+    ROBUST: half the images degraded (`degrade_images`). Its result is the shipped evaluation CLIP
     (assets/pocket-clip)."""
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -261,6 +290,8 @@ def train_clip(work: Path, stage: Stage, seed: int, log: Log, start=None, name: 
         rng = random.Random(step_seed)
         pixels, captions, negatives, image_labels, text_labels = clip_batch(rng, train_scenes, stage.batch,
                                                                             shape_negatives)
+        if degrade:
+            pixels = degrade_images(pixels, torch.Generator().manual_seed(step_seed), degrade)
         ids = tokens(captions + negatives)
         # No attention mask: CLIP's text attention is causal, so padding after the first EOS (where the
         # pooled output is read) changes nothing before it, with or without a mask.
@@ -330,6 +361,7 @@ def train_clip_text(work: Path, stage: Stage, seed: int, log: Log, start, name: 
 # ---------------------------------------------------------------------------- VAE
 
 FOREGROUND_FROM, FOREGROUND_WEIGHT = 1500, 10.0  # the shipped VAE trained 1500 steps unweighted first
+EDGE_RING = 2  # px around a shape that weigh as much as the shape in the vae_decoder stage
 
 
 def foreground(pixels: torch.Tensor) -> torch.Tensor:
@@ -369,6 +401,37 @@ def train_vae(work: Path, stage: Stage, seed: int, log: Log):
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     log(f"vae: latent std {std:.4f}, scaling factor {vae.config.scaling_factor}")
     return vae, seconds
+
+
+def train_vae_decoder(work: Path, stage: Stage, seed: int, log: Log, start):
+    """The VAE's decoder trained further with its encoder frozen: the latents (and the scaling factor, and
+    so a UNet trained on them) stay as they are, and only what they decode to improves. The `vae` stage's
+    decoder left halos, stray colour and blobs where small shapes were (the judge named 41% of the shapes in
+    reconstructions of held-out scenes against 82% in the renderings themselves). Here every shape pixel
+    and the ring of EDGE_RING px around it weighs FOREGROUND_WEIGHT times a background pixel."""
+    torch.manual_seed(seed + 2)
+    vae = start.train()
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    train_scenes, _ = world.split()
+
+    def step_fn(step: int, step_seed: int):
+        rng = random.Random(step_seed)
+        pixels = to_pixels([world.render(world.sample_scene(rng, train_scenes), rng) for _ in range(stage.batch)])
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
+                                                             generator=torch.Generator().manual_seed(step_seed))
+        out = vae.decode(z).sample
+        ring = F.max_pool2d(foreground(pixels), 2 * EDGE_RING + 1, stride=1, padding=EDGE_RING)
+        weight = 1 + (FOREGROUND_WEIGHT - 1) * ring
+        error = ((out - pixels).abs() + (out - pixels) ** 2) * weight / weight.mean()
+        return error.mean(), f"mse {F.mse_loss(out, pixels).item():.5f}"
+
+    params = [p for p in vae.parameters() if p.requires_grad]
+    seconds = _loop("vae_decoder", stage, work, {"vae": vae}, params, step_fn, log, seed)
+    return vae.eval(), seconds
 
 
 # ---------------------------------------------------------------------------- UNet
