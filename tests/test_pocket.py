@@ -85,6 +85,25 @@ def test_the_decoder_stage_trains_the_decoder_alone(tmp_path):
     assert (tmp_path / "vae_decoder-checkpoint" / "state.json").exists()
 
 
+def test_the_judges_image_degradations_are_seeded_and_mild():
+    import torch
+
+    from studio.pocket import fit
+
+    rng = random.Random(0)
+    train, _ = world.split()
+    pixels = fit.to_pixels([world.render(world.sample_scene(rng, train), rng) for _ in range(4)])
+    assert torch.equal(fit.degrade_images(pixels, torch.Generator().manual_seed(1), 0.0), pixels)
+    a = fit.degrade_images(pixels, torch.Generator().manual_seed(1), 1.0)
+    assert torch.equal(a, fit.degrade_images(pixels, torch.Generator().manual_seed(1), 1.0))
+    assert a.shape == pixels.shape and a.min() >= -1 and a.max() <= 1
+    assert all(not torch.equal(a[i], pixels[i]) for i in range(4))
+    # mild: every image stays far closer to its own rendering than to another scene's
+    own = (a - pixels).abs().mean(dim=(1, 2, 3))
+    other = (a - pixels.roll(1, dims=0)).abs().mean(dim=(1, 2, 3))
+    assert (own < other).all(), (own, other)
+
+
 def test_pocket_clip_retrieves_held_out_captions(clip):
     result = quality.caption_retrieval(clip, quality.held_out_scenes(40, seed=3), seed=3)
     # 40-way exact caption; the bench measures all held-out scenes (model card: >= 90%).
