@@ -5,9 +5,9 @@
     python scripts/train_pocket.py --work /tmp/pocket-work --stage write  # assets/pocket-sd, assets/pocket-clip
     python scripts/train_pocket.py --demo                                 # assets/demo-concept/*.png
 
-Stages run in order clip -> clip_text -> clip_shapes -> vae -> vae_decoder -> unet -> write. clip trains
-both towers contrastively; clip_text sharpens its text tower alone, which becomes the SD text encoder;
-clip_shapes continues clip with the weight on shapes and is the evaluation CLIP; vae_decoder trains the
+Stages run in the order of ORDER. clip trains both towers contrastively; clip_text sharpens its text tower
+alone, which becomes the SD text encoder; clip_shapes continues clip with the weight on shapes, and
+clip_robust continues that on partly degraded images: it is the evaluation CLIP. vae_decoder trains the
 VAE's decoder further with its encoder frozen, so the latents do not change; the UNet needs the clip_text
 tower and the VAE's encoder. clip and vae are independent and may run at the same time in two processes.
 A stage that was interrupted continues from its last checkpoint in --work when started again; a
@@ -27,12 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ASSETS = REPO / "assets"
+ORDER = ("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet", "write")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pocket-work"), help="checkpoints and logs")
-    parser.add_argument("--stage", choices=("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet", "write", "all"), default="all")
+    parser.add_argument("--stage", choices=ORDER + ("all",), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     args.work.mkdir(parents=True, exist_ok=True)
     log = fit.Log(args.work / f"{args.stage}.log")
-    stages = ("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet", "write") if args.stage == "all" else (args.stage,)
+    stages = ORDER if args.stage == "all" else (args.stage,)
     for stage in stages:
         globals()[f"stage_{stage}"](args, fit, log)
     return 0
@@ -116,29 +117,26 @@ def stage_clip_text(args, fit, log) -> None:
 
 
 def stage_clip_shapes(args, fit, log) -> None:
-    """clip continued with shape-weighted negatives and read-outs (fit.SHAPES_FOCUS): the evaluation CLIP."""
-    from transformers import CLIPModel
-
-    if _finished(args, "clip_shapes", log):
-        return
-    stage = _schedule(fit, "clip_shapes", args.steps)
-    clip, seconds = fit.train_clip(args.work, stage, args.seed + 30, log, start=CLIPModel.from_pretrained(_done(args, "clip")),
-                                   name="clip_shapes", **fit.SHAPES_FOCUS)
-    clip.save_pretrained(_done(args, "clip_shapes"), safe_serialization=True)
-    _record(args, "clip_shapes", stage, seconds)
+    """clip continued with shape-weighted negatives and read-outs (fit.SHAPES_FOCUS)."""
+    _continue_clip(args, fit, log, "clip_shapes", "clip", 30, fit.SHAPES_FOCUS)
 
 
 def stage_clip_robust(args, fit, log) -> None:
     """clip_shapes continued with half its images degraded (fit.ROBUST): the evaluation CLIP."""
+    _continue_clip(args, fit, log, "clip_robust", "clip_shapes", 40, fit.ROBUST)
+
+
+def _continue_clip(args, fit, log, name: str, start: str, seed_offset: int, focus: dict) -> None:
+    """A joint CLIP stage (fit.train_clip) that starts from stage `start`'s model."""
     from transformers import CLIPModel
 
-    if _finished(args, "clip_robust", log):
+    if _finished(args, name, log):
         return
-    stage = _schedule(fit, "clip_robust", args.steps)
-    clip, seconds = fit.train_clip(args.work, stage, args.seed + 40, log,
-                                   start=CLIPModel.from_pretrained(_done(args, "clip_shapes")), name="clip_robust", **fit.ROBUST)
-    clip.save_pretrained(_done(args, "clip_robust"), safe_serialization=True)
-    _record(args, "clip_robust", stage, seconds)
+    stage = _schedule(fit, name, args.steps)
+    clip, seconds = fit.train_clip(args.work, stage, args.seed + seed_offset, log,
+                                   start=CLIPModel.from_pretrained(_done(args, start)), name=name, **focus)
+    clip.save_pretrained(_done(args, name), safe_serialization=True)
+    _record(args, name, stage, seconds)
 
 
 def stage_vae(args, fit, log) -> None:
@@ -189,7 +187,7 @@ def stage_write(args, fit, log) -> None:
 
     from studio.pocket import POCKET_VERSION
 
-    names = ("clip", "clip_text", "clip_shapes", "clip_robust", "vae", "vae_decoder", "unet")
+    names = ORDER[:-1]
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
     info = {"version": POCKET_VERSION, "written": time.strftime("%Y-%m-%d"), "training": trained}
     fit.write_clip(CLIPModel.from_pretrained(_done(args, "clip_robust")), args.out / "pocket-clip", info)
