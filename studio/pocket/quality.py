@@ -106,6 +106,15 @@ def match(embedder, images, scenes: list[world.Scene]) -> GenerationMatch:
 
 
 @torch.no_grad()
+def reconstruct(pipe, images):
+    """The images passed through the pipeline's VAE (encoded to the posterior mean, decoded): every image
+    the model draws goes through that decoder, so the judge's score on these bounds what generation shows."""
+    pixels = pipe.image_processor.preprocess(images).to(pipe.vae.dtype)
+    return pipe.image_processor.postprocess(pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample,
+                                            output_type="pil")
+
+
+@torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, batch: int = 64):
     """Images for the prompts, seed + i for prompt i, in batches (each image's noise is its own)."""
     images = []
