@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from studio import limits
 from studio.errors import StudioError
 from studio.paths import write_text_atomically
 
@@ -87,7 +88,9 @@ class TrainConfig:
     sample_prompts: list[str] = _help("Prompts for samples; {token} and {class} are filled in.",
                                       factory=lambda: ["a photo of {token} {class}"])
     sample_steps: int = _help("Denoising steps per sample image.", 20)
-    checkpoint_every: int = _help("Save a checkpoint every N steps (0: none besides the final adapter).", 0)
+    checkpoint_every: int = _help("Save a checkpoint every N steps (0: only by time, and the final adapter).", 0)
+    checkpoint_minutes: float = _help("Also save a checkpoint once this many minutes have passed since the last "
+                                      "one, so a run killed mid-way resumes from at most this far back (0: off).", 5.0)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -107,6 +110,7 @@ class TrainConfig:
         if self.resolution and (self.resolution < 32 or self.resolution % 8):
             raise StudioError(
                 f"Setting 'resolution' must be 0 or a multiple of 8 of at least 32, got {self.resolution}.")
+        limits.check_train_settings(self)  # upper bounds, finiteness (nan, inf), the seed's 64 bits
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
