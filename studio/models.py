@@ -1,5 +1,9 @@
-"""Base models: resolve a reference (hub id, local folder, 'builtin', 'tiny', 'builtin-sdxl'), load it, pick
-device and dtype.
+"""Base models: resolve a reference (hub id, local folder, single-file .safetensors checkpoint, 'builtin',
+'tiny', 'builtin-sdxl'), load it, pick device and dtype.
+
+A single-file checkpoint (a community fine-tune in the original layout) is read by studio/single_file.py,
+offline, with configs shipped in assets/single-file; an optional separate VAE (file or folder) replaces
+the model's own for any kind of base.
 
 'builtin' is the pocket model shipped in assets/pocket-sd: a small Stable Diffusion (VAE, CLIP text
 encoder with the real CLIP vocabulary, UNet) trained on the pocket world of 64-px shapes
@@ -15,6 +19,7 @@ checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -25,6 +30,8 @@ from typing import Any
 
 from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
+
+log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"  # the shipped pocket model
 TINY = "tiny"  # a tiny random-weight SD 1.x model for tests
@@ -49,9 +56,14 @@ PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline",
 class ModelRef:
     """A resolved base model: what the user named, where it loads from, and a notice to show."""
 
-    name: str  # as recorded in configs: 'builtin', a hub id, or an absolute folder
-    source: str  # what from_pretrained receives
+    name: str  # as recorded in configs: 'builtin', a hub id, an absolute folder or file
+    source: str  # what from_pretrained receives (for a single file: the file)
     notice: str | None = None
+    vae: str = ""  # a separate VAE (absolute file or folder) replacing the model's own; "" keeps it
+
+    @property
+    def is_file(self) -> bool:
+        return Path(self.source).is_file()
 
 
 def hub_reachable(timeout_s: float = 1.5) -> bool:
@@ -93,8 +105,35 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def resolve(name: str | None) -> ModelRef:
-    """Turn what the user typed into something loadable; empty means the default."""
+def resolve(name: str | None, vae: str | None = None) -> ModelRef:
+    """Turn what the user typed into something loadable; empty means the default. `vae`: a separate VAE
+    file or folder to use instead of the model's own. Reads no weights (a file's header at most)."""
+    ref = _resolve_model(name)
+    vae_path = resolve_vae(vae)
+    if ref.is_file and not vae_path:
+        from studio import single_file
+
+        if not single_file.has_vae(single_file.read_header(Path(ref.source))):
+            raise StudioError(f"File '{ref.name}' has no VAE of its own; name the VAE its model page recommends "
+                              "(--vae FILE, or the VAE field).")
+    return ModelRef(ref.name, ref.source, ref.notice, vae_path) if vae_path else ref
+
+
+def resolve_vae(vae: str | None) -> str:
+    """A separate VAE as an absolute path ('' for none), checked without reading weights."""
+    vae = (vae or "").strip()
+    if not vae:
+        return ""
+    from studio import single_file
+
+    path = Path(vae).expanduser()
+    if not path.exists():
+        raise StudioError(f"VAE '{vae}' does not exist; give a VAE .safetensors file or a diffusers VAE folder.")
+    single_file.vae_header(str(path))  # a pickle, a truncated file or no VAE at all: one sentence
+    return str(path.resolve())
+
+
+def _resolve_model(name: str | None) -> ModelRef:
     name = (name or "").strip()
     if not name:
         if hub_reachable():
@@ -111,6 +150,8 @@ def resolve(name: str | None) -> ModelRef:
         ensure_builtin_sdxl(builtin_sdxl_dir())
         return ModelRef(BUILTIN_SDXL, str(builtin_sdxl_dir()))
     path = Path(name).expanduser()
+    if path.is_file() or path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return _resolve_file(name, path)
     if path.exists():
         if not (path / "model_index.json").exists():
             raise StudioError(f"Folder '{name}' is not a diffusers model (it has no model_index.json); "
@@ -121,6 +162,45 @@ def resolve(name: str | None) -> ModelRef:
         raise StudioError(f"Model '{name}' is not 'builtin', an existing folder, or a hub id like "
                           f"'{DEFAULT_HUB_MODEL}'; check the spelling.")
     return ModelRef(name, name)
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _resolve_file(name: str, path: Path) -> ModelRef:
+    """A single-file checkpoint, checked from its header: the family must be one the studio loads."""
+    from studio import single_file
+
+    if not path.exists():
+        raise StudioError(f"Checkpoint file '{name}' does not exist; check the path.")
+    single_file.family(single_file.read_header(path))  # a pickle, LoRA, embedding, damaged or unknown file: one sentence
+    return ModelRef(str(path.resolve()), str(path.resolve()))
+
+
+def base_record(name: str) -> dict:
+    """What a run records about its base model so it can be reopened: for a single file its path and
+    content hash (single_file.content_hash); for anything else just the name."""
+    path = Path(name)
+    if path.is_file():
+        from studio import single_file
+
+        return {"base_model": str(path), "base_hash": single_file.content_hash(path)}
+    return {"base_model": name, "base_hash": ""}
+
+
+def check_recorded(base_model: str, base_hash: str, what: str) -> None:
+    """One sentence when the single file `what` (e.g. "run 'x'") was trained on is missing or changed."""
+    if not base_hash:
+        return
+    from studio import single_file
+
+    path = Path(base_model)
+    if not path.is_file():
+        raise StudioError(f"The checkpoint '{base_model}' that {what} was trained on is no longer there; put the file "
+                          "back at that path, or choose another base model and retrain.")
+    if single_file.content_hash(path) != base_hash:
+        raise StudioError(f"The checkpoint '{base_model}' has changed since {what} was trained on it; put the "
+                          "original file back, or retrain on the new one.")
 
 
 # ---------------------------------------------------------------------------- built-in models
@@ -330,16 +410,47 @@ def _load_pipeline(ref: ModelRef, device: str, dtype):
 
     quiet_libraries()
     dtype = dtype or torch.float32
-    cls = pipeline_class(ref)
-    # SD 1.x ships a safety checker the studio does not run; SDXL has an optional invisible watermark.
-    extra = (dict(add_watermarker=False) if cls.__name__ == "StableDiffusionXLPipeline"
-             else dict(safety_checker=None, requires_safety_checker=False))
-    try:
-        pipe = cls.from_pretrained(ref.source, dtype=dtype, use_safetensors=True, **extra)
-    except (OSError, ValueError) as exc:
-        _raise_unloadable(ref, exc)
+    if ref.is_file:
+        pipe = _load_file(ref, dtype)
+    else:
+        cls = pipeline_class(ref)
+        # SD 1.x ships a safety checker the studio does not run; SDXL has an optional invisible watermark.
+        extra = (dict(add_watermarker=False) if cls.__name__ == "StableDiffusionXLPipeline"
+                 else dict(safety_checker=None, requires_safety_checker=False))
+        if ref.vae:
+            from studio import single_file
+
+            sdxl = cls.__name__ == "StableDiffusionXLPipeline"
+            extra["vae"] = _guarded_vae(lambda: single_file.load_vae(ref.vae, dtype, "sdxl" if sdxl else "sd1"), ref)
+        try:
+            pipe = cls.from_pretrained(ref.source, dtype=dtype, use_safetensors=True, **extra)
+        except (OSError, ValueError) as exc:
+            _raise_unloadable(ref, exc)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_file(ref: ModelRef, dtype):
+    from studio import single_file
+
+    try:
+        return single_file.load(Path(ref.source), dtype, vae=ref.vae)
+    except StudioError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a shape the configs did not foresee
+        log.warning("single-file checkpoint %s did not load", ref.source, exc_info=True)
+        raise StudioError(f"Checkpoint '{ref.name}' could not be loaded ({_first_line(exc)}); it may be damaged or "
+                          "of an architecture the studio does not know, so download it again or choose another.") from None
+
+
+def _guarded_vae(load, ref: ModelRef):
+    try:
+        return load()
+    except StudioError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise StudioError(f"VAE '{ref.vae}' could not be loaded ({_first_line(exc)}); give a VAE of the same "
+                          "family as the model (SD 1.x/2.x or SDXL).") from None
 
 
 def _raise_unloadable(ref: ModelRef, exc: BaseException):
@@ -366,6 +477,14 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else exc.__class__.__name__
 
 
+def _version(path: str) -> tuple | None:
+    """(size, mtime) of a file, so a checkpoint replaced on disk is loaded afresh; None otherwise."""
+    if not path or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 class PipelineCache:
     """Keeps the last `size` inference pipelines asked for loaded (least recently used goes first);
     thread-safe."""
@@ -376,7 +495,7 @@ class PipelineCache:
         self._pipes: dict = {}  # key -> pipeline, oldest use first
 
     def get(self, ref: ModelRef, device: str, dtype):
-        key = (ref.source, device, str(dtype))
+        key = (ref.source, ref.vae, _version(ref.source), _version(ref.vae), device, str(dtype))
         with self._lock:
             if key in self._pipes:
                 self._pipes[key] = self._pipes.pop(key)  # now the most recent
