@@ -37,13 +37,12 @@ def _pairs(pipe) -> list:
 
 
 def attach(pipe, cfg) -> None:
-    import torch
-
+    from studio.adapters.lora import freeze
     from studio.data.dataset import load_dataset
 
     spec = load_dataset(Path(cfg.dataset))
     init = (cfg.initializer_token or spec.class_word.split()[-1]).strip()
-    pipe.unet.requires_grad_(False)
+    freeze(pipe)
     for tokenizer, encoder in _pairs(pipe):
         (encoder._studio_token,) = add_tokens(tokenizer, encoder, [(spec.token, init)])
 
@@ -78,6 +77,7 @@ def add_tokens(tokenizer, encoder, concepts: list[tuple[str, str]]) -> list[tupl
             weight[token_id] = weight[init_id].clone()
             mask[token_id] = 1
     weight.requires_grad_(True)
+    weight._studio_rows = torch.tensor([token_id for _, token_id, _ in ids])  # what checkpoints keep
     weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
     return [(token, token_id) for token, token_id, _ in ids]
 

@@ -18,12 +18,18 @@ HAS_SCALE = True
 
 
 def attach(pipe, cfg) -> None:
-    """Freeze the UNet and add one trainable adapter (name 'default') to the configured modules."""
+    """Freeze the whole model and add one trainable adapter (name 'default') to the configured modules,
+    and to the text encoder(s) with `train_text_encoder`; nothing else trains or is checkpointed."""
+    freeze(pipe)
+    add_adapters(pipe, cfg)
+
+
+def add_adapters(pipe, cfg) -> None:
+    """The trainable LoRA/DoRA layers alone, on a model whose other weights are frozen already."""
     from peft import LoraConfig
 
     from studio.adapters import target_modules
 
-    pipe.unet.requires_grad_(False)
     # Gaussian init of A with B = 0 (Hu et al. 2021): the adapter starts as an exact no-op. DoRA
     # (Liu et al. 2024) adds a per-output-channel magnitude, initialised to the weight's norm.
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
@@ -31,9 +37,17 @@ def attach(pipe, cfg) -> None:
     pipe.unet.add_adapter(config)
     if getattr(cfg, "train_text_encoder", False):
         for _, encoder in text_encoders(pipe):
-            encoder.requires_grad_(False)
             encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                            target_modules=TEXT_TARGETS, use_dora=cfg.method == "dora"))
+
+
+def freeze(pipe) -> None:
+    """No weight of the UNet, VAE or text encoder(s) trains: an adapter's attach turns on only its own.
+    (A loaded model requires grad everywhere; a checkpoint saves every weight that does.)"""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        component = getattr(pipe, name, None)
+        if component is not None:
+            component.requires_grad_(False)
 
 
 # The text encoder's attention projections (CLIP); kohya's and diffusers' text-encoder LoRAs adapt these.
@@ -308,43 +322,56 @@ def check_kohya_text(path: Path, pipe):
 
 
 def check_kohya_file(path: Path, unet, adapter: str = "default"):
-    """Read a kohya file back with diffusers' converter into a copy of the base UNet and compare.
+    """Read a kohya file back with diffusers' converter onto the studio's own UNet and compare.
 
     Keys: the file's against those the studio writes for `unet`. Modules: which ones got an adapter
-    from the file, against those adapted in `unet`. Output: both UNets in float32 on one fixed input,
-    the studio's adapter at scale 1.
+    from the file, against those adapted in `unet`. Output: the file's adapter is loaded beside the
+    studio's as a second peft adapter (no copy of the UNet: studio.adapters.probe), and each adapted
+    layer's output with either adapter, in float32 on a random input, is compared; the second
+    adapter is removed again afterwards.
     """
-    import copy
-
-    import torch
     from safetensors.torch import load_file
 
+    from studio.adapters import probe
     from studio.adapters.checks import ExportReport
 
     report = ExportReport(file=Path(path).name, format="kohya", loader=KOHYA_LOADER, tolerance=1e-4)
     expected = set(kohya_state_dict(unet, adapter))
     found = {k for k in load_file(str(path)) if not k.startswith("lora_te")}  # checked by check_kohya_text
     report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
-
-    studio = copy.deepcopy(unet).float().eval()
-    studio.set_adapters([adapter], weights=[1.0])
-    loaded = copy.deepcopy(studio)
-    loaded.unload_lora()  # the frozen base weights, without any adapter
+    loaded = _CHECK_ADAPTER
+    grads = {p: p.requires_grad for p in unet.parameters()}
     try:
-        load_kohya_into(loaded, path, adapter_name="kohya")
+        load_kohya_into(unet, path, adapter_name=loaded)
     except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
         log.warning("diffusers could not load %s", path, exc_info=True)
         report.note = f"diffusers' kohya converter refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
+        _drop_adapter(unet, loaded, adapter, grads)
         return report
-    want, got = _adapted_modules(studio, adapter), _adapted_modules(loaded, "kohya")
-    name = lambda m: kohya_module_name(m, unet)  # noqa: E731
-    report.missing_keys += sorted(name(m) for m in want - got)
-    report.unexpected_keys += sorted(name(m) for m in got - want)
-    with torch.no_grad():
-        inputs = _fixed_unet_input(studio)
-        diff = (studio(**inputs).sample - loaded.eval()(**inputs).sample).abs().max()
-    report.max_abs_diff = float(diff)
+    try:
+        want, got = _adapted_modules(unet, adapter), _adapted_modules(unet, loaded)
+        name = lambda m: kohya_module_name(m, unet)  # noqa: E731
+        report.missing_keys += sorted(name(m) for m in want - got)
+        report.unexpected_keys += sorted(name(m) for m in got - want)
+        report.max_abs_diff, worst = probe.max_output_diff(probe.adapter_pairs(unet, adapter, loaded, want & got))
+        log.info("kohya check of %s: largest layer differences %s", path, worst)
+    finally:
+        _drop_adapter(unet, loaded, adapter, grads)
     return report
+
+
+_CHECK_ADAPTER = "studio_export_check"  # the file's adapter, beside the studio's, while it is checked
+
+
+def _drop_adapter(unet, name: str, keep: str, grads: dict) -> None:
+    """Remove the checked file's adapter (if it got loaded) and leave `keep` active as it was."""
+    loaded = getattr(unet, "peft_config", None) or {}
+    if keep in loaded:
+        unet.set_adapters([keep], weights=[1.0])
+    if name in loaded:
+        unet.delete_adapters(name)
+    for p, flag in grads.items():
+        p.requires_grad_(flag)
 
 
 def load_kohya_into(unet, path: Path, adapter_name: str) -> None:

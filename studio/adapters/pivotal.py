@@ -23,8 +23,8 @@ WEIGHTS = LORA_WEIGHTS  # the file whose change means a new version (the Playgro
 
 
 def attach(pipe, cfg) -> None:
-    embedding.attach(pipe, cfg)  # freezes the UNet and the text encoder but for the new row
-    lora.attach(pipe, cfg)
+    embedding.attach(pipe, cfg)  # freezes the whole model but for the new row
+    lora.add_adapters(pipe, cfg)  # not lora.attach: its freeze would stop the new row training
 
 
 def trainable_parameters(pipe) -> list:
