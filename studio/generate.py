@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio import adapters, models
+from studio import adapters, limits, models, preflight
+from studio.adapters import community
 from studio.errors import StudioError
 from studio.paths import LORA_WEIGHTS
 
@@ -35,6 +36,7 @@ class GenerateRequest:
     steps: int = 20
     guidance: float = 7.5
     size: int = 0  # pixels; 0 takes the model's native size
+    vae: str = ""  # a separate VAE for the base model ("" keeps the model's own)
 
 
 def parse_adapter_arg(text: str) -> AdapterChoice:
@@ -50,12 +52,17 @@ def parse_adapter_arg(text: str) -> AdapterChoice:
     raise StudioError(f"Adapter '{text}' must look like RUN_DIR or RUN_DIR:SCALE with a number as scale.")
 
 
+def is_file_choice(choice: AdapterChoice) -> bool:
+    """A LoRA or embedding file from another tool (rather than a run or adapter folder)."""
+    return Path(choice.path).is_file() or Path(choice.path).suffix.lower() in (".safetensors", *community.PICKLE_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class _Loaded:
     version: str  # modification time and size of the weights file
     name: str  # adapter name inside the pipeline
-    module: object  # the adapter module that loaded it
-    folder: Path
+    module: object  # the adapter module that loaded it (for a file: community.LoadedLora / LoadedEmbedding)
+    folder: Path  # the adapter folder, or the file
     kind: str = ""
 
     @property
@@ -86,7 +93,9 @@ def truncation_notice(tokenizer, text: str, what: str = "The prompt") -> str | N
 
 
 def _model_folder(choice: AdapterChoice) -> str | None:
-    """The model folder of a fully fine-tuned run, or None for an adapter."""
+    """The model folder of a fully fine-tuned run, or None for an adapter (a file is always an adapter)."""
+    if is_file_choice(choice):
+        return None
     folder = adapters.find_adapter_dir(Path(choice.path))
     module = adapters.module_for(adapters.read_meta(folder).kind)
     return str(folder) if getattr(module, "SAVES_MODEL", False) else None
@@ -104,6 +113,35 @@ def split_choices(model: str, choices: list[AdapterChoice]) -> tuple[str, list[A
     return (on[0] if on else model), rest
 
 
+def choose_base(model: str, vae: str, choices: list[AdapterChoice]) -> tuple[str, str]:
+    """(base model, VAE) to draw with: as named, or when `model` is empty the base and VAE the first
+    chosen run was trained on (its adapter.yaml), so a run reopens on the model it learned from."""
+    if (model or "").strip():
+        return model, vae
+    for choice in choices:
+        if is_file_choice(choice):
+            continue
+        try:
+            meta = adapters.read_meta(adapters.find_adapter_dir(Path(choice.path)))
+        except StudioError:
+            continue  # loading the adapter says what is wrong with it
+        return meta.base_model, vae or meta.vae
+    return model, vae
+
+
+def check_recorded_bases(ref: models.ModelRef, choices: list[AdapterChoice]) -> None:
+    """One sentence if a chosen run was trained on this very checkpoint file and the file has changed."""
+    for choice in choices:
+        if is_file_choice(choice):
+            continue
+        try:
+            meta = adapters.read_meta(adapters.find_adapter_dir(Path(choice.path)))
+        except StudioError:
+            continue
+        if meta.base_hash and Path(meta.base_model) == Path(ref.source):
+            models.check_recorded(meta.base_model, meta.base_hash, f"run '{Path(choice.path).name}'")
+
+
 class Playground:
     def __init__(self, cache: models.PipelineCache | None = None):
         self.cache = cache or models.PipelineCache(size=2)  # the base model and one fine-tuned model
@@ -112,8 +150,8 @@ class Playground:
         self._loaded: dict[str, _Loaded] = {}  # weights file -> what is loaded from it, in self._pipe
         self._states: dict[int, tuple[object, dict[str, _Loaded]]] = {}  # id(pipe) -> (pipe, its _loaded)
 
-    def pipeline(self, model: str):
-        ref = models.resolve(model)
+    def pipeline(self, model: str, vae: str = ""):
+        ref = models.resolve(model, vae)
         device = models.pick_device()
         dtype, _ = models.resolve_precision("auto", device)
         pipe = self.cache.get(ref, device, dtype)
@@ -127,10 +165,13 @@ class Playground:
 
     def _load(self, pipe, choice: AdapterChoice) -> _Loaded:
         """The adapter of a choice, loaded into the pipeline once per version of its file."""
+        if is_file_choice(choice):
+            return self._load_file(pipe, Path(choice.path))
         folder = adapters.find_adapter_dir(Path(choice.path))
         meta = adapters.read_meta(folder)
         module = adapters.module_for(meta.kind)
         weights = (folder / getattr(module, "WEIGHTS", LORA_WEIGHTS)).resolve()  # LoHa/LoKr: peft's file
+        preflight.check_safetensors(weights, "Adapter file")  # a pickle under that name never reaches a loader
         stat = weights.stat()
         version = f"{stat.st_mtime_ns}:{stat.st_size}"
         known = self._loaded.get(str(weights))
@@ -148,6 +189,31 @@ class Playground:
         self._loaded[str(weights)] = _Loaded(version, name, module, folder, meta.kind)
         return self._loaded[str(weights)]
 
+    def _load_file(self, pipe, path: Path) -> _Loaded:
+        """A LoRA, LyCORIS or embedding file from another tool (see studio.adapters.community)."""
+        path = path.resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            raise StudioError(f"The adapter file '{path}' does not exist (any more); add it again.") from None
+        version = f"{stat.st_mtime_ns}:{stat.st_size}"
+        known = self._loaded.get(str(path))
+        if known is not None and known.version == version:
+            return known
+        if known is not None:
+            self._unload(pipe, str(path))
+        name = "f" + hashlib.sha1(f"{path}:{version}".encode()).hexdigest()[:12]
+        with models.CONSTRUCTION_LOCK:
+            module = community.load(pipe, path, name)
+        self._loaded[str(path)] = _Loaded(version, name, module, path, module.report.kind)
+        return self._loaded[str(path)]
+
+    def file_report(self, model: str, path: str) -> community.FileReport:
+        """Load a LoRA/embedding file onto `model` (once per version of the file) and say what reached it."""
+        with self._lock:
+            pipe, _ = self.pipeline(split_choices(model, [])[0])
+            return self._load_file(pipe, Path(path)).module.report
+
     def _unload(self, pipe, key: str) -> None:
         loaded = self._loaded.pop(key)
         if _peft_scaled(loaded.module):
@@ -155,7 +221,7 @@ class Playground:
         if hasattr(loaded.module, "unload"):
             loaded.module.unload(pipe, loaded.folder)
 
-    def set_scales(self, model: str, choices: list[AdapterChoice]) -> float:
+    def set_scales(self, model: str, choices: list[AdapterChoice], vae: str = "") -> float:
         """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took.
 
         - peft kinds (LoRA, DoRA, LoHa, LoKr): set_adapters, then in place while the same adapters stay
@@ -165,11 +231,14 @@ class Playground:
         - kinds with their own `set_scale` (Custom Diffusion): interpolated in place at any scale.
         - kinds without a scale (an embedding): on at any scale but 0, unloaded at 0.
         Adapters loaded earlier but not asked for now are switched off or unloaded.
-        A fully fine-tuned model among `choices` is the model they apply to (see `split_choices`).
+        A fully fine-tuned model among `choices` is the model they apply to (see `split_choices`); an
+        empty `model` is the base the first chosen run was trained on (see `choose_base`).
         """
         with self._lock:
+            model, vae = choose_base(model, vae, choices)
             model, choices = split_choices(model, choices)
-            pipe, _ = self.pipeline(model)
+            pipe, ref = self.pipeline(model, vae)
+            check_recorded_bases(ref, choices)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
             scaled = [(l.name, float(c.scale)) for c, l in wanted
@@ -194,19 +263,30 @@ class Playground:
 
         if not req.prompt.strip():
             raise StudioError("The prompt is empty; describe the image you want.")
+        limits.check_render(req.steps, req.seed, req.guidance, req.size)  # before any model loads
         with self._lock:
-            self.set_scales(req.model, req.adapters)
-            pipe, _ = self.pipeline(split_choices(req.model, req.adapters)[0])
+            self.set_scales(req.model, req.adapters, req.vae)
+            model, vae = choose_base(req.model, req.vae, req.adapters)
+            pipe, _ = self.pipeline(split_choices(model, req.adapters)[0], vae)
             size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
             generator = torch.Generator().manual_seed(int(req.seed))
             with torch.no_grad():
                 image = pipe(req.prompt, negative_prompt=req.negative_prompt or None, height=size, width=size,
                              num_inference_steps=int(req.steps), guidance_scale=float(req.guidance),
                              generator=generator).images[0]
-            notice = truncation_notice(pipe.tokenizer, req.prompt)
-            if notice:
-                image.info[NOTICE] = notice
+            notices = [truncation_notice(pipe.tokenizer, req.prompt)] + self._file_notices(req.adapters)
+            if any(notices):
+                image.info[NOTICE] = " ".join(n for n in notices if n)
             return image
+
+    def _file_notices(self, choices: list[AdapterChoice]) -> list[str]:
+        """For each chosen file, the keys of it that did not reach the model (counted, with examples)."""
+        out = []
+        for choice in choices:
+            loaded = self._loaded.get(str(Path(choice.path).resolve())) if is_file_choice(choice) else None
+            if loaded is not None and loaded.module.report.problems():
+                out.append(f"{loaded.module.report.file}: " + " ".join(loaded.module.report.problems()))
+        return out
 
     def generate_pair(self, req: GenerateRequest):
         """(base, adapted) for the same seed: the base is the base model with no adapter of any kind."""
