@@ -7,6 +7,7 @@ import os
 
 import gradio as gr
 
+from studio import limits
 from studio.paths import Workspace
 from studio.ui import api, dataset_tab, evaluate_tab, playground_tab, train_tab
 from studio.ui.context import Studio
@@ -33,7 +34,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
     studio = studio or make_studio()
     # The built-in pocket model and the tiny test model draw 64-px images and have a CLIP of the same name.
     builtin = studio.default_model in ("builtin", "tiny")
-    with gr.Blocks(title=TITLE) as app:
+    # Gradio's temporary files (uploads, images shown) are deleted once they are a few hours old.
+    with gr.Blocks(title=TITLE, delete_cache=(limits.CLEAN_EVERY_S, limits.UPLOAD_KEEP_S)) as app:
         gr.Markdown(f"# {TITLE}\nTeach Stable Diffusion your concept from a few photos, then see how well it worked.")
         with gr.Row():
             model_box = gr.Textbox(value=studio.default_model, label="Base model", scale=3, elem_id="model-box",
@@ -62,8 +64,13 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         api.register(studio)  # named endpoints for scripts (gradio_client), per session like a browser
         # Each browser keeps a random token in its local storage; a shared studio maps it to a workspace.
         token = gr.BrowserState(None, storage_key="concept-studio-session")
-        app.load(lambda saved: (studio.bind(saved), *_on_load(studio)), [token],
-                 [token, train["dataset"], train["runs"], *play["pickers"], ev["runs"], ev["dataset"], ev["folder"]])
+        loaded = app.load(lambda saved: (studio.bind(saved), *_on_load(studio)), [token],
+                          [token, train["dataset"], train["runs"], *play["pickers"], ev["runs"], ev["dataset"],
+                           ev["folder"]])
+        # Then each form as the person left it (kept in the browser), over the lists just loaded.
+        for tab in (train, play, ev):
+            if "restore" in tab:
+                loaded.then(**tab["restore"])
     return app
 
 
@@ -104,4 +111,33 @@ def launch(host: str | None = None, port: int | None = None, share: bool = False
         print(studio.model_notice, flush=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(studio.home.root)])
+    _checkpoint_on_sigterm(studio)
+    app.launch(server_name=host, server_port=port, share=share, **launch_options(studio))
+
+
+def launch_options(studio: Studio) -> dict:
+    """What `launch` passes to Gradio besides the address.
+
+    A single-user studio lets Gradio serve its workspace folder (the samples and plots it shows). A
+    shared one does not: a file a handler returns is copied into Gradio's cache under a hash of its
+    content and that one file is served (Studio.servable), so a link names no workspace, session or
+    token and opens nothing else. Uploads are limited per file.
+    """
+    allowed = [] if studio.shared else [str(studio.home.root)]
+    return dict(allowed_paths=allowed, max_file_size=f"{limits.MAX_UPLOAD_MB}mb")
+
+
+def _checkpoint_on_sigterm(studio: Studio) -> None:
+    """SIGTERM (a Space restarting, `docker stop`): the training job checkpoints after its current
+    step and the studio then exits, instead of losing the steps since the last checkpoint."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        train = sys.modules.get("studio.train")  # not imported: nothing has trained in this process
+        if train is not None:
+            train.TERMINATE.set()
+            studio.manager.wait(timeout=120)  # one step and a checkpoint
+        raise KeyboardInterrupt  # Gradio's main loop closes the server on it
+
+    signal.signal(signal.SIGTERM, stop)

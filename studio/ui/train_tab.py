@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.config import TrainConfig, field_help, field_kind, list_presets
+from studio.config import field_help, field_kind, list_presets
+from studio.errors import StudioError
+from studio.ui import forms
 from studio.ui.context import Studio, friendly
 
 # Settings shown in the form: TrainConfig field name -> label. Values reach the config by these names,
@@ -28,33 +30,57 @@ MORE = {
 INT_FIELDS = {name for name in {**FORM, **MORE} if field_kind(name)[0] is int}
 
 
-def _control(name: str, label: str, value, help_text: str):
+def _control(name: str, label: str, value, help_text: str, min_width: int = 160):
     kind, choices = field_kind(name)
+    common = dict(value=value, label=label, info=help_text, elem_id=f"train-{name}", min_width=min_width)
     if choices:
-        return gr.Dropdown(list(choices), value=value, label=label, info=help_text, elem_id=f"train-{name}")
+        return gr.Dropdown(list(choices), **common)
     if kind is bool:
-        return gr.Checkbox(value=value, label=label, info=help_text, elem_id=f"train-{name}")
+        return gr.Checkbox(**common)
     if kind is str:
-        return gr.Textbox(value=value, label=label, info=help_text, elem_id=f"train-{name}")
-    return gr.Number(value=value, label=label, info=help_text, precision=0 if kind is int else None,
-                     elem_id=f"train-{name}")
+        return gr.Textbox(**common)
+    return gr.Number(precision=0 if kind is int else None, **common)
+
+
+NO_PRESET = "(none)"
+DEMO_PRESET = "demo"  # the walkthrough's recipe for the built-in pocket model
+_CANCELLING: set[str] = set()  # ids of train jobs asked to stop that have not stopped yet
+
+
+def preset_values(preset: str | None) -> dict:
+    """The values a form shows for a preset: the defaults, then the preset's own values over them."""
+    from studio.config import build_config
+
+    return build_config(None if preset in (None, NO_PRESET) else preset).to_dict()
+
+
+def default_preset(studio: Studio) -> str:
+    """The built-in pocket model starts from the walkthrough's recipe; any other model from the defaults."""
+    return DEMO_PRESET if studio.default_model == "builtin" and DEMO_PRESET in list_presets() else NO_PRESET
 
 
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
-    defaults, help_ = TrainConfig(), field_help()
+    help_ = field_help()
+    first = default_preset(studio)
+    start_values = preset_values(first)
     with gr.Row():
         dataset = gr.Dropdown(studio.workspace.list_datasets(), label="Dataset", elem_id="train-dataset",
                               allow_custom_value=True)
-        preset = gr.Dropdown(["(none)"] + list_presets(), value="(none)", label="Preset",
-                             info="values in the preset win over the form's defaults but not over your edits")
-        method = gr.Dropdown(list(field_kind("method")[1]), value=defaults.method, label="Method",
+        preset = gr.Dropdown([NO_PRESET] + list_presets(), value=first, label="Preset", elem_id="train-preset",
+                             info="fills the form with the preset's values; what you change after that wins")
+        method = gr.Dropdown(list(field_kind("method")[1]), value=start_values["method"], label="Method",
                              info=help_["method"], elem_id="train-method")
-        run_name = gr.Textbox(value="lora", label="Run name")
+        run_name = gr.Textbox(value="", label="Run name", placeholder="empty: the method's name",
+                              elem_id="train-run-name")
     with gr.Row():
-        fields = {name: _control(name, label, getattr(defaults, name), help_[name]) for name, label in FORM.items()}
+        fields = {name: _control(name, label, start_values[name], help_[name]) for name, label in FORM.items()}
     with gr.Accordion("More options", open=False):
+        with gr.Row():  # checkboxes in a row of their own, wide enough for their labels
+            fields |= {name: _control(name, label, start_values[name], help_[name], min_width=300)
+                       for name, label in MORE.items() if field_kind(name)[0] is bool}
         with gr.Row():
-            fields |= {name: _control(name, label, getattr(defaults, name), help_[name]) for name, label in MORE.items()}
+            fields |= {name: _control(name, label, start_values[name], help_[name], min_width=220)
+                       for name, label in MORE.items() if field_kind(name)[0] is not bool}
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -65,21 +91,72 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     with gr.Row():
         loss = gr.Plot(label="Loss", elem_id="train-loss")
         samples = gr.Gallery(label="Samples", columns=4, height=320, elem_id="train-samples")
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(1.0, active=False)  # ticks only while a run is going
 
-    form_inputs = {dataset, preset, method, model_box, *fields.values()}
+    form = {"dataset": dataset, "preset": preset, "method": method, "run_name": run_name, "model": model_box,
+            **fields}
+    saved = forms.remember("train-form", form)
+    save_all = forms.saver(form)
+    shown = [method, *fields.values()]
 
-    @friendly
+    def on_preset(choice, current_model):
+        values = preset_values(choice)
+        model = values["model"] or current_model  # a preset without a model keeps the one in the box
+        return [gr.update(value=values["method"]), *[gr.update(value=values[k]) for k in fields],
+                gr.update(value=model)]
+
+    preset.input(on_preset, [preset, model_box], [*shown, model_box], show_progress="hidden").then(
+        save_all, list(form.values()), saved, show_progress="hidden")
+
     def on_start(data):
-        run_id = _start(studio, data, dataset, preset, method, model_box, fields, data[run_name])
-        return gr.update(choices=studio.workspace.list_runs(), value=run_id)
+        try:
+            run_id = _start(studio, data, dataset, preset, method, model_box, fields, data[run_name])
+        except (gr.Error, StudioError) as exc:
+            return _refused(exc)
+        return (gr.update(choices=studio.workspace.list_runs(), value=run_id),
+                f"**{run_id}** — starting…", gr.Timer(active=True))
 
-    start.click(on_start, inputs=form_inputs | {run_name}, outputs=[runs])
+    start.click(on_start, inputs=set(form.values()), outputs=[runs, status, timer]).then(
+        save_all, list(form.values()), saved, show_progress="hidden")
     cancel.click(friendly(lambda: _cancel(studio)), None, [status])
-    resume.click(friendly(lambda run_id: _resume(studio, run_id)), [runs], [status])
-    timer.tick(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
+    resume.click(lambda run_id: _on_resume(studio, run_id), [runs], [status, timer])
+    timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer],
+               show_progress="hidden")
     runs.change(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
-    return {"dataset": dataset, "runs": runs}
+
+    def restore(values):
+        allowed = {"dataset": lambda v: v in studio.workspace.list_datasets(),
+                   "preset": lambda v: v in [NO_PRESET] + list_presets(),
+                   "method": lambda v: v in field_kind("method")[1]}
+        job = studio.jobs.current()
+        live = job is not None and job.kind == "train" and job.active
+        return [*forms.restored(values, list(form), allowed), gr.Timer(active=live)]
+
+    return {"dataset": dataset, "runs": runs,
+            "restore": dict(fn=restore, inputs=[saved], outputs=[*form.values(), timer], show_progress="hidden")}
+
+
+def _refused(exc: Exception):
+    """An error on Start: one sentence in the status line (and a toast), the run shown as it was."""
+    message = getattr(exc, "message", None) or str(exc)
+    gr.Warning(message)
+    return gr.update(), f"**Not started:** {message}", gr.update()
+
+
+def _on_resume(studio: Studio, run_id: str | None):
+    try:
+        return _resume(studio, run_id), gr.Timer(active=True)
+    except (gr.Error, StudioError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        gr.Warning(message)
+        return f"**Not resumed:** {message}", gr.update()
+
+
+def _tick(studio: Studio, run_id: str | None):
+    """The live view while a run goes; the timer stops after drawing the run's end."""
+    job = studio.jobs.current()
+    live = job is not None and job.kind == "train" and job.active
+    return (*run_view(studio, run_id), gr.Timer(active=live))
 
 
 def _start(studio: Studio, data, dataset, preset, method, model_box, fields, name) -> str:
@@ -98,11 +175,10 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
         values[key] = int(values[key])
     values.update(model=data[model_box] or studio.default_model, method=data[method],
                   dataset=str(_dataset_path(studio, data[dataset])))
-    chosen = None if data[preset] in (None, "(none)") else data[preset]
-    # A preset sets defaults; the form's values that differ from TrainConfig's defaults are the user's edits.
-    edits = {k: v for k, v in values.items() if chosen is None or k in ("model", "dataset", "method")
-             or v != getattr(TrainConfig(), k)}
-    cfg = build_config(chosen, edits)
+    chosen = None if data[preset] in (None, NO_PRESET) else data[preset]
+    # Picking a preset put its values into the form, so the form is what trains; the preset still
+    # supplies the settings the form does not show (sample prompts, target modules...).
+    cfg = build_config(chosen, studio.confine(values))  # shared: paths and models stay the session's own
     run_paths = studio.workspace.run(studio.workspace.new_run_id(name or cfg.method))
     prepare(cfg, run_paths.root)  # bad input fails here, in the page, before a thread starts
     studio.jobs.start("train", run_paths.run_id, run_paths.root,  # in ZeroGPU-sized chunks on such a Space
@@ -111,10 +187,7 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
 
 
 def _dataset_path(studio: Studio, choice: str):
-    from pathlib import Path
-
-    path = Path(choice)
-    return path if path.is_absolute() else studio.workspace.dataset(choice).root
+    return studio.dataset_folder(choice)  # a name in the workspace, or a folder (inside it, when shared)
 
 
 def _resume(studio: Studio, run_id: str | None) -> str:
@@ -138,7 +211,10 @@ def _resume(studio: Studio, run_id: str | None) -> str:
 
 
 def _cancel(studio: Studio) -> str:
+    job = studio.jobs.current()
     if studio.jobs.cancel():
+        if job is not None:
+            _CANCELLING.add(job.job_id)
         return "Cancelling after the current step; the adapter so far will be saved."
     return "No run is in progress."
 
@@ -155,7 +231,7 @@ def run_view(studio: Studio, run_id: str | None):
     steps = [e for e in history if isinstance(e, ev.Step)]
     finished = next((e for e in reversed(history) if isinstance(e, ev.Finished)), None)
     samples = [e for e in history if isinstance(e, ev.Sample)]
-    gallery = [(str(paths.root / img), f"step {s.step}: {p}") for s in samples[-4:] for img, p in zip(s.images, s.prompts)]
+    gallery = [(studio.servable(paths.root / img), f"step {s.step}: {p}") for s in samples[-4:] for img, p in zip(s.images, s.prompts)]
     return _status_line(studio, run_id, steps, finished, history), plots.loss_figure(history), gallery
 
 
@@ -169,16 +245,35 @@ def _status_line(studio: Studio, run_id, steps, finished, history) -> str:
         ahead = studio.jobs.position(job)
         return f"**{run_id}** — waiting for the accelerator: {ahead} job(s) ahead of it (other sessions' work)."
     if not steps:
-        notes = [e.message for e in history if isinstance(e, ev.Progress)]
+        notes = [e.message for e in history if isinstance(e, ev.Progress) and e.message]
         live = job is not None and job.label == run_id and job.running
+        if live and job.job_id in _CANCELLING:
+            return f"**{run_id}** — cancelling: it stops before its first step and saves the adapter as it is…"
         state = "loading the model and caching latents…" if live else "stopped before its first step."
         if job is not None and job.label == run_id and job.status == "failed":
             state = f"failed: {job.message}"
-        return f"**{run_id}** — {state} " + " ".join(notes)
+        return f"**{run_id}** — {state} " + (notes[-1] if notes else "")  # the newest note says what it does now
     last = steps[-1]
     rate = last.elapsed_s / last.step
     eta = rate * (last.total_steps - last.step)
     live = job is not None and job.label == run_id and job.running
     state = "running" if live else "interrupted (the process stopped before it finished)"
-    return (f"**{run_id}** — {state} · step **{last.step}/{last.total_steps}** · loss {last.loss:.4f} · "
+    line = (f"**{run_id}** — {state} · step **{last.step}/{last.total_steps}** · loss {last.loss:.4f} · "
             f"{rate:.2f} s/step · ETA {eta:.0f} s")
+    if live and job.job_id in _CANCELLING:
+        return line + " · cancelling after this step, then saving the adapter so far…"
+    return line + (f" · {phase}" if live and (phase := _phase(history, last)) else "")
+
+
+def _phase(history, last) -> str:
+    """What the run does after its last step: the newest note since that step, or, after the loop's
+    last step, the work that follows it (saving, exporting and checking files, a final sample)."""
+    from studio import events as ev
+
+    later = history[history.index(last) + 1:]
+    notes = [e.message for e in later if isinstance(e, ev.Progress) and e.message]
+    if notes:
+        return notes[-1]
+    if last.step >= last.total_steps:
+        return "saving the adapter, exporting and checking its files, drawing the final samples…"
+    return ""

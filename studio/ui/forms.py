@@ -1,0 +1,46 @@
+"""Forms that come back after a page reload: a tab's settings are kept in the browser's local storage.
+
+Each tab names its controls; every edit a person makes (an `.input` event, never a value the page sets
+itself) stores all of them under one key, and the page's load restores them. Values the page sets on
+load (the dataset list, the run shown) therefore never overwrite what the person typed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+# The stored settings are a person's form values, not secrets; a fixed key lets them survive a restart
+# of the app too (gradio's default key changes with every launch).
+_SECRET = "concept-studio-form-values"
+
+
+def remember(key: str, controls: dict[str, Any]) -> gr.BrowserState:
+    """A browser-stored dict {name: value} of `controls`, saved whenever a person edits one of them."""
+    state = gr.BrowserState({}, storage_key=f"concept-studio-{key}", secret=_SECRET)
+    names = list(controls)
+
+    def save(*values):
+        return dict(zip(names, values))
+
+    gr.on([c.input for c in controls.values()], save, inputs=list(controls.values()), outputs=state,
+          show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+    return state
+
+
+def saver(controls: dict[str, Any]) -> Callable:
+    """fn(*values) -> the dict `remember` stores, for handlers that change the form themselves."""
+    names = list(controls)
+    return lambda *values: dict(zip(names, values))
+
+
+def restored(saved: dict | None, names: list[str], allowed: dict[str, Callable[[Any], bool]] | None = None) -> list:
+    """gr.update for each name: the saved value where there is one (and `allowed[name](value)` holds)."""
+    saved = saved if isinstance(saved, dict) else {}
+    allowed = allowed or {}
+    out = []
+    for name in names:
+        ok = name in saved and allowed.get(name, lambda v: True)(saved[name])
+        out.append(gr.update(value=saved[name]) if ok else gr.update())
+    return out
