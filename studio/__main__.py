@@ -1,4 +1,4 @@
-"""Command line: python -m studio {prep,train,generate,evaluate,builtin-model,ui}.
+"""Command line: python -m studio {prep,train,generate,evaluate,extract-lora,builtin-model,ui}.
 
 The same core functions the UI calls. Errors a user can cause print one sentence and exit 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+
+
+MODEL_HELP = "hub id, local diffusers folder, single-file .safetensors checkpoint (SD 1.x/2.x/SDXL), or 'builtin'"
+VAE_HELP = "a separate VAE (.safetensors file or diffusers folder) instead of the model's own"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_prep)
 
     train = sub.add_parser("train", help="train an adapter; prints progress")
-    train.add_argument("--model", default="", help="hub id, local diffusers folder, or 'builtin'")
+    train.add_argument("--model", default="", help=MODEL_HELP)
+    train.add_argument("--vae", default="", help=VAE_HELP)
     train.add_argument("--dataset", type=Path, help="required unless --resume")
     train.add_argument("--method", default=None)
     train.add_argument("--steps", type=int, default=None)
@@ -73,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="render one image with the base model and adapters")
-    gen.add_argument("--model", default="")
+    gen.add_argument("--model", default="", help=MODEL_HELP + "; empty: the base the first --adapter run was trained on")
+    gen.add_argument("--vae", default="", help=VAE_HELP)
     gen.add_argument("--adapter", action="append", default=[], metavar="RUN_DIR[:SCALE]")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
@@ -85,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="concept fidelity (CLIP-I, DINO) and prompt fidelity (CLIP-T) of runs, "
                                          "swept over checkpoints and scales, against baselines")
-    ev.add_argument("--model", default="")
+    ev.add_argument("--model", default="", help=MODEL_HELP + "; empty: the base the runs were trained on")
+    ev.add_argument("--vae", default="", help=VAE_HELP)
     ev.add_argument("--runs", nargs="+", default=[], type=Path)
     ev.add_argument("--dataset", type=Path, help="the dataset the runs were trained on")
     ev.add_argument("--out", type=Path, help="folder for images, results.csv, summary.csv, plots")
@@ -104,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--rescore", type=Path, default=None,
                     help="recompute metrics and plots of an evaluation folder from its saved embeddings")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("extract-lora", help="extract a kohya LoRA from a full fine-tune (DreamBooth) run by truncated "
+                                             "SVD of its difference to the base, and report what it costs")
+    ex.add_argument("run", type=Path, metavar="RUN", help="the run folder of a finished method 'full' run")
+    ex.add_argument("--rank", type=int, required=True, help="LoRA rank (32-128 is common; higher is closer and larger)")
+    ex.set_defaults(func=cmd_extract_lora)
 
     bm = sub.add_parser("builtin-model", help="write the built-in model as a diffusers folder")
     bm.add_argument("out", type=Path)
@@ -155,9 +169,11 @@ def cmd_train(args) -> int:
     if args.resume is None and (args.dataset is None or args.out is None):
         raise StudioError("Give --dataset and --out for a new run, or --resume RUN_DIR to continue one.")
     values = {"model": args.model, "dataset": str(args.dataset)}
+    if args.vae:
+        values["vae"] = args.vae
     if args.method:
         values["method"] = args.method
-    if args.steps:
+    if args.steps is not None:  # --steps 0 is an error to report, not "the default"
         values["steps"] = args.steps
     def show(event) -> None:
         if isinstance(event, events.Step):
@@ -171,25 +187,47 @@ def cmd_train(args) -> int:
         elif isinstance(event, events.Progress):
             print(event.message, flush=True)
 
+    if args.resume is None:
+        cfg = build_config(args.preset, values, args.overrides)  # every setting checked before any import of torch
+    _stop_on_sigterm()
     if args.resume is not None:
         result = resume(args.resume, on_event=show, steps=args.steps)
     else:
-        result = run(build_config(args.preset, values, args.overrides), args.out, on_event=show)
+        result = run(cfg, args.out, on_event=show)
     if not distributed.world().main:  # under torchrun / accelerate launch, rank 0 speaks for all
         return 0 if result.status != "failed" else 2
     print(result.message)
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)
         return 2
+    if result.status == "interrupted":
+        return 128 + signal.SIGTERM  # the shell's convention for "ended by SIGTERM"; the checkpoint is saved
     print(f"Adapter: {result.adapter_dir}")
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a container stopping, a scheduler's time limit) ends training after its current step
+    with a checkpoint to resume from, instead of killing it wherever it is."""
+    from studio import train
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: train.TERMINATE.set())
+
+
 def cmd_generate(args) -> int:
+    from studio import limits, preflight
+
+    limits.check_render(args.steps, args.seed, args.guidance)  # before torch and the model load
+    if args.model:
+        preflight.check_hub_model(args.model, "Base model")
+    for text in args.adapter:
+        path = Path(text.rpartition(":")[0] if ":" in text and not Path(text).exists() else text)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            preflight.check_safetensors(path, "Adapter file")
     from studio.generate import NOTICE, GenerateRequest, Playground, parse_adapter_arg
 
     req = GenerateRequest(args.prompt, args.model, [parse_adapter_arg(a) for a in args.adapter],
-                          args.negative_prompt, args.seed, args.steps, args.guidance)
+                          args.negative_prompt, args.seed, args.steps, args.guidance, vae=args.vae)
     image = Playground().generate(req)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
@@ -208,7 +246,7 @@ def cmd_evaluate(args) -> int:
     else:
         if not args.dataset or not args.out:
             raise StudioError("Give --dataset and --out (or --rescore EVAL_DIR to rescore a finished evaluation).")
-        cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model,
+        cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, vae=args.vae,
                          clip=args.clip, dino=args.dino, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
                          prompts=args.prompt, contexts=args.context or list(DEFAULT_CONTEXTS),
                          per_kind=args.per_kind, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
@@ -244,6 +282,14 @@ def _numbers(text: str, flag: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise StudioError(f"{flag} takes numbers separated by commas, such as 0,0.5,1; got '{text}'.") from None
+
+
+def cmd_extract_lora(args) -> int:
+    from studio.adapters import extract
+
+    report = extract.extract_from_run(args.run, args.rank)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def cmd_builtin(args) -> int:

@@ -22,6 +22,7 @@ TRAIN_RANGES: dict[str, tuple[float, float]] = {
     "gradient_accumulation_steps": (1, 1024),
     "repeats": (1, 1000),
     "rank": (1, 1024),
+    "extract_rank": (0, 1024),  # 0: no LoRA extracted from a full fine-tune
     "alpha": (0, 1e6),  # and greater than 0
     "learning_rate": (0, 1.0),  # and greater than 0: AdamW diverges well below 1; 0, nan and inf never train
     "lr_warmup_steps": (0, MAX_STEPS),
@@ -46,6 +47,8 @@ MAX_UPLOAD_MB = 100  # per file: a 48-Mpx phone photo as PNG is ~60 MB
 MAX_IMPORT_IMAGES = 200  # photos per import: a concept needs 3-20, a style a few hundred
 MAX_CAPTION_BYTES = 16 * 1024  # CLIP reads 77 tokens (~300 characters); 16 KB is far beyond any caption
 REPEATS_PER_IMAGE_MAX = 1000  # dataset.yaml's per-image repeats
+UPLOAD_KEEP_S = 6 * 3600  # Gradio's copies of uploads and shown files are deleted when older than this
+CLEAN_EVERY_S = 600  # and looked for this often
 
 
 def _number(value) -> str:
@@ -59,9 +62,6 @@ def check_range(name: str, value, low: float, high: float, label: str | None = N
         raise StudioError(f"{what} must be a number from {_number(low)} to {_number(high)}, got {value!r}.")
     if not math.isfinite(value):
         raise StudioError(f"{what} must be a finite number from {_number(low)} to {_number(high)}, got {value!r}.")
-    if value < low and low in (0, 1):  # the common case keeps its plain wording
-        bound = "0 or more" if low == 0 else "greater than 0"
-        raise StudioError(f"{what} must be {bound} (and at most {_number(high)}), got {value!r}.")
     if value < low or value > high:
         raise StudioError(f"{what} must be from {_number(low)} to {_number(high)}, got {value!r}.")
 

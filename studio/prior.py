@@ -18,20 +18,25 @@ from studio.paths import IMAGE_SUFFIXES
 
 
 def cache_dir(model_name: str, prompt: str, resolution: int, steps: int) -> Path:
-    version = models.builtin_version(model_name) or model_name
+    # a single file is keyed by its content too, so a replaced checkpoint draws its own class images
+    version = models.builtin_version(model_name) or f"{model_name}|{models.base_record(model_name)['base_hash']}"
     key = hashlib.sha1(f"{version}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
     return models.cache_root() / "class-images" / key
+
+
+def check_folder(folder: Path) -> list[Path]:
+    """The images of a user's class image folder, or one sentence when it has none."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise StudioError(f"Class image folder '{folder}' has no images; add some or leave it empty "
+                          "to let the base model draw them.")
+    return files
 
 
 def class_images(pipe, cfg, class_word: str, emit: Callable, should_stop: Callable[[], bool]) -> list[Path]:
     """The class images to train with: the user's folder, or the cache topped up by the base model."""
     if cfg.class_data_dir:
-        folder = Path(cfg.class_data_dir)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if not files:
-            raise StudioError(f"Class image folder '{folder}' has no images; add some or leave it empty "
-                              "to let the base model draw them.")
-        return files[: cfg.num_class_images]
+        return check_folder(Path(cfg.class_data_dir))[: cfg.num_class_images]
     prompt = render(cfg.class_prompt, "", class_word)
     folder = cache_dir(cfg.model, prompt, cfg.resolution, cfg.class_image_steps)
     folder.mkdir(parents=True, exist_ok=True)

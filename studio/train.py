@@ -10,8 +10,10 @@ from its own seeded generator, so a resumed run replays exactly what an uninterr
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 import time
 import traceback
 from contextlib import nullcontext
@@ -21,17 +23,22 @@ from typing import Callable
 
 import torch
 
-from studio import adapters, checkpoints, distributed, events, models, prior
+from studio import adapters, checkpoints, distributed, events, models, preflight, prior
 from studio.adapters import AdapterMeta
 from studio.config import TrainConfig, build_config, load_run_config, save_config
 from studio.data.captions import render
 from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset, load_pixels
-from studio.errors import StudioError
+from studio.errors import DISK_FULL, StudioError, disk_full
 from studio.generate import truncation_notice
 from studio.objectives import diffusion_target, instance_loss, min_snr_weights, prior_preservation_loss
 from studio.paths import RunPaths
 
 log = logging.getLogger(__name__)
+
+
+# Set by a SIGTERM handler (the CLI's, the app's): the loop stops after its current step, writes a
+# checkpoint and ends "interrupted", so the run resumes from there.
+TERMINATE = threading.Event()
 
 
 @dataclass
@@ -62,7 +69,8 @@ class _Frozen:
     class_prompts: list[str] | None = None
     token_ids: tuple[torch.Tensor, ...] | None = None  # captions as ids per tokenizer, when text is encoded every step
     n_images: int = 0
-    slots: torch.Tensor | None = None  # each image once per its own repeats (dataset.yaml), for batch_indices
+    slots: torch.Tensor | None = None  # each image once per its own repeats, listed (small tests only)
+    repeats: torch.Tensor | None = None  # each image's own repeats (dataset.yaml), for batch_indices
     groups: list | None = None  # aspect-ratio buckets: each image's latent (h, w); a micro-batch keeps to one
 
 
@@ -90,7 +98,9 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if cfg.prior_preservation and any(s.buckets for s in specs):
         raise StudioError("Aspect-ratio buckets cannot be combined with prior preservation yet (class images are "
                           "square); re-export the dataset without buckets or turn prior preservation off.")
-    ref = models.resolve(cfg.model)
+    ref = models.resolve(cfg.model, cfg.vae)
+    preflight.check_hub_model(ref.source, "Base model")  # offline: one sentence now, not hub retries
+    _check_before_loading(cfg)
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
@@ -101,7 +111,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if cfg.batch_size % w.size:
         raise StudioError(f"Setting 'batch_size' ({cfg.batch_size}) is the global batch and must be a multiple of "
                           f"the {w.size} training processes; choose {w.size * max(1, cfg.batch_size // w.size)}.")
-    resolved = TrainConfig(**{**cfg.to_dict(), "model": ref.name,
+    resolved = TrainConfig(**{**cfg.to_dict(), "model": ref.name, "vae": ref.vae,
                               "dataset": str(Path(cfg.dataset).resolve()),
                               "extra_datasets": [str(Path(d).resolve()) for d in cfg.extra_datasets],
                               "resolution": cfg.resolution or spec.resolution})
@@ -109,6 +119,20 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
 
 
 TEXT_ENCODER_METHODS = ("lora", "dora", "full")  # methods with a `train_text_encoder` option
+
+
+def _check_before_loading(cfg: TrainConfig) -> None:
+    """Settings that used to fail only once the model had loaded: checked first, in a moment."""
+    if cfg.prior_preservation and cfg.class_data_dir:
+        prior.check_folder(Path(cfg.class_data_dir))
+    if cfg.optimizer == "adamw8bit":
+        if models.pick_device() != "cuda":
+            raise StudioError("8-bit Adam needs a CUDA GPU; set optimizer to 'adamw' on this machine.")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise StudioError("8-bit Adam needs the bitsandbytes package; `pip install bitsandbytes`, "
+                              "or set optimizer to 'adamw'.")
 
 
 def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
@@ -166,7 +190,7 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
     if steps is not None:
         values["steps"] = steps
     cfg = build_config(values=values)
-    spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model)
+    spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model, cfg.vae)
     _check_extra(spec, cfg.extra_datasets)
     last = checkpoints.latest(paths)
     if last is None:
@@ -196,10 +220,16 @@ def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from, pa
         message = ("The device ran out of memory; lower the batch size or resolution, turn on gradient "
                    "checkpointing, or choose a smaller rank, and resume the run.")
     except Exception as exc:
-        (paths.root / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         log.exception("Training run %s failed", paths.run_id)
-        message = f"Training stopped on an internal error ({exc.__class__.__name__}: {exc}); details are in error.log."
-    emit(events.Finished("failed", state["step"], message))
+        if disk_full(exc, paths.root):
+            message = DISK_FULL
+        else:
+            (paths.root / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+            message = f"Training stopped on an internal error ({exc.__class__.__name__}: {exc}); details are in error.log."
+    try:
+        emit(events.Finished("failed", state["step"], message))
+    except OSError:  # a full disk takes the event log too; the caller still gets the sentence
+        log.warning("Could not log the end of run %s: %s", paths.run_id, message)
     return RunResult(paths.root, "failed", state["step"], None, message)
 
 
@@ -248,9 +278,13 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     start, status = time.perf_counter() - (resume_from.elapsed_s if resume_from else 0.0), "completed"
     pipe.unet.train()
     chunk_start, first_step = time.perf_counter(), state["step"]
+    last_saved = chunk_start  # checkpoints by time count from here
     while state["step"] < cfg.steps:
         if should_stop():
             status = "cancelled"
+            break
+        if TERMINATE.is_set():
+            status = "interrupted"
             break
         if (pause_after_s is not None and state["step"] > first_step
                 and time.perf_counter() - chunk_start >= pause_after_s):
@@ -264,17 +298,23 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         step = state["step"]
         elapsed = time.perf_counter() - start
         emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], elapsed))
-        if w.main and step < cfg.steps and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+        due = due or (cfg.checkpoint_minutes > 0 and time.perf_counter() - last_saved >= cfg.checkpoint_minutes * 60)
+        if w.main and step < cfg.steps and due:
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, step, elapsed)
+            last_saved = time.perf_counter()
         if w.main and step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
             _samples(pipe, cfg, spec, paths, step, emit)
-    if status == "paused":  # what resume needs, and nothing else: the next call continues
-        if w.main:
+    if status in ("paused", "interrupted"):  # what resume needs, and nothing else: the next call continues
+        if w.main and (state["step"] > first_step or status == "paused"):
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
         distributed.barrier(w)
-        message = f"Paused at step {state['step']} of {cfg.steps} to fit the GPU time limit; it continues next."
-        emit(events.Finished("paused", state["step"], message))
-        return RunResult(paths.root, "paused", state["step"], None, message)
+        message = (f"Paused at step {state['step']} of {cfg.steps} to fit the GPU time limit; it continues next."
+                   if status == "paused" else
+                   f"Stopped at step {state['step']} of {cfg.steps} because the studio was asked to shut down "
+                   "(SIGTERM); a checkpoint is saved, resume the run to continue.")
+        emit(events.Finished(status, state["step"], message))
+        return RunResult(paths.root, status, state["step"], None, message)
     if w.main:  # every rank holds the same weights; one writes them
         _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
         _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
@@ -322,8 +362,8 @@ def _cache_frozen(pipe, data: ConceptDataset | list[ConceptDataset], device: str
     if len({tuple(p.shape) for p in images}) == 1:
         pixels = torch.stack(images)
         views = [pixels, pixels.flip(-1)] if flips else [pixels]
-        posteriors = [pipe.vae.encode(v.to(device, dtype)).latent_dist for v in views]
-        mean, std = torch.stack([p.mean.float() for p in posteriors]), torch.stack([p.std.float() for p in posteriors])
+        encoded = [encode_latents(pipe.vae, v, device, dtype) for v in views]
+        mean, std = torch.stack([m for m, _ in encoded]), torch.stack([s for _, s in encoded])
         groups = None
     else:  # aspect-ratio buckets: each image is encoded at its own size
         mean, std = PerImage(), PerImage()
@@ -336,8 +376,23 @@ def _cache_frozen(pipe, data: ConceptDataset | list[ConceptDataset], device: str
     frozen = _Frozen(mean, std, text, pipe.vae.config.scaling_factor, pooled, groups=groups)
     frozen.captions, frozen.n_images = captions, len(captions)
     repeats = [r for d in data for r in getattr(d, "repeats", [1] * len(d.captions))]
-    frozen.slots = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)])
+    frozen.repeats = torch.tensor(repeats, dtype=torch.long)  # one number per image, never a list of slots
     return frozen
+
+
+ENCODE_BATCH = 8  # images per VAE call when caching latents: 8 x 512 px is ~1 GB of activations on SD 1.5
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, device, dtype, batch: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std, float32) of each image, encoded `batch` images at a time: one call
+    over a whole dataset or 200 class images would hold all their activations at once."""
+    means, stds = [], []
+    for start in range(0, len(pixels), batch):
+        posterior = vae.encode(pixels[start:start + batch].to(device, dtype)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
@@ -351,8 +406,7 @@ def _cache_class(pipe, frozen: _Frozen, cfg, specs: list[DatasetSpec], device, d
             return  # cancelled before the first class image: the loop stops at once
         files += drawn
         of += [i] * len(drawn)
-    posterior = pipe.vae.encode(load_pixels(files, cfg.resolution).to(device, dtype)).latent_dist
-    frozen.class_mean, frozen.class_std = posterior.mean.float(), posterior.std.float()
+    frozen.class_mean, frozen.class_std = encode_latents(pipe.vae, load_pixels(files, cfg.resolution), device, dtype)
     prompts = [render(cfg.class_prompt, "", w) for w in words]
     frozen.class_prompts = prompts
     frozen.class_text, frozen.class_pooled = encode_text(pipe, tokenize_all(pipe, prompts, device))
@@ -406,27 +460,77 @@ def unet_kwargs(pooled: torch.Tensor | None, resolution: int | tuple[int, int]) 
 
 
 def batch_indices(cfg: TrainConfig, n_images: int, step: int, micro: int, slots: torch.Tensor | None = None,
-                  groups: list | None = None) -> torch.Tensor:
+                  groups: list | None = None, repeats: torch.Tensor | None = None) -> torch.Tensor:
     """Images of one micro-batch: shuffled epochs of n_images x repeats, a pure function of the step.
 
-    `slots` lists each image as often as its own repeats (per-image balancing from dataset.yaml);
-    with `groups` (each image's bucket), an image from another bucket than the micro-batch's first is
+    Per-image balancing from dataset.yaml comes as `repeats` (each image's count) or, equivalently, as
+    `slots` (each image listed as often as its count). The work is proportional to the batch, not to
+    the epoch: slot s belongs to the first image whose running total of repeats exceeds s, and epochs
+    too long to shuffle as a list are shuffled by a keyed permutation (`_permuted`).
+    With `groups` (each image's bucket), an image from another bucket than the micro-batch's first is
     swapped for one drawn from the first's bucket, so the batch stacks.
     """
-    slots = torch.arange(n_images) if slots is None else slots
-    per_epoch = len(slots) * cfg.repeats
+    if slots is not None:
+        repeats = torch.bincount(slots, minlength=n_images)
+    totals = None if repeats is None else torch.cumsum(repeats, 0)
+    n_slots = n_images if totals is None else int(totals[-1])
+    per_epoch = n_slots * cfg.repeats
     first = ((step - 1) * cfg.gradient_accumulation_steps + micro) * cfg.batch_size
     picks = []
     for position in range(first, first + cfg.batch_size):
         epoch, offset = divmod(position, per_epoch)
-        order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        picks.append(int(slots[int(order[offset]) % len(slots)]))
+        slot = _permuted(per_epoch, seed_key(cfg.seed * 7919 + epoch), offset) % n_slots
+        picks.append(slot if totals is None else int(torch.searchsorted(totals, slot, right=True)))
     if groups is not None and len({groups[p] for p in picks}) > 1:
         same = [i for i in range(n_images) if groups[i] == groups[picks[0]]]
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + first + 1)
+        g = torch.Generator().manual_seed(seed_key(cfg.seed * 7919 + first + 1))
         picks = [p if groups[p] == groups[picks[0]] else same[int(torch.randint(len(same), (1,), generator=g))]
                  for p in picks]
     return torch.tensor(picks)
+
+
+def seed_key(value: int) -> int:
+    """A seed derived from the run's seed, folded into the 64 bits torch.Generator takes (a no-op for
+    seeds below ~10**13, so every run made so far draws what it drew before)."""
+    return value % (1 << 64)
+
+
+SHUFFLE_LIST_MAX = 1 << 22  # epochs up to ~4M slots are shuffled as a list (32 MB), longer ones by a keyed permutation
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, key: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key))
+
+
+def _permuted(n: int, key: int, index: int) -> int:
+    """Position `index` of a shuffle of range(n) seeded by `key`, in time independent of n.
+
+    Short epochs: torch.randperm, computed once per epoch. Long ones: a 4-round Feistel network on
+    the smallest square power of two that holds n, cycle-walking until the value falls below n
+    (Black & Rogaway 2002, "Ciphers with arbitrary finite domains"); fewer than 4 rounds per value
+    on average, since that domain is less than 4 n.
+    """
+    if n <= SHUFFLE_LIST_MAX:
+        return int(_epoch_order(n, key)[index])
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = index
+    while True:
+        left, right = x >> half, x & mask
+        for round_ in range(4):
+            left, right = right, left ^ (_mix(key, round_, right) & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+def _mix(key: int, round_: int, value: int) -> int:
+    """splitmix64 of (key, round, value): the Feistel round function."""
+    z = (key * 0x9E3779B97F4A7C15 + round_ * 0xBF58476D1CE4E5B9 + value + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
 
 class _Stepper:
@@ -450,9 +554,9 @@ class _Stepper:
         total = 0.0
         for micro in range(accumulate):
             # One CPU generator per (step, micro-batch): the same seed gives the same run on any device.
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + micro)
+            g = torch.Generator().manual_seed(seed_key(self.cfg.seed * 1_000_003 + step * 101 + micro))
             loss = self._loss(batch_indices(self.cfg, self.frozen.n_images, step, micro, self.frozen.slots,
-                                            self.frozen.groups), g)
+                                            self.frozen.groups, self.frozen.repeats), g)
             self.scaler.scale(loss / accumulate).backward()
             total += loss.item() / accumulate
         # Each rank's loss is the mean over its equal share of the global batch, so the mean of the
@@ -520,24 +624,34 @@ def _save(adapter, pipe, out_dir: Path, cfg, spec, step) -> None:
     adapter.save(pipe, out_dir)
     adapters.write_meta(out_dir, AdapterMeta(kind=cfg.method, base_model=cfg.model, token=spec.token,
                                              class_word=spec.class_word, step=step, rank=cfg.rank,
-                                             alpha=cfg.alpha, has_scale=adapter.HAS_SCALE))
+                                             alpha=cfg.alpha, has_scale=adapter.HAS_SCALE, vae=cfg.vae,
+                                             base_hash=models.base_record(cfg.model)["base_hash"]))
 
 
 def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, emit, step: int, elapsed: float) -> None:
     """An adapter usable on its own, plus what resume needs (trainable weights, optimizer state)."""
     folder = paths.checkpoint(step)
-    if getattr(adapter, "SAVES_MODEL", False):
-        # A whole model per checkpoint would be a second multi-GB copy beside trainable.safetensors,
-        # which already holds every trained weight: such checkpoints keep only what resume needs.
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        _save(adapter, pipe, folder, cfg, spec, step)
-    checkpoints.write_state(folder, pipe, stepper.optimizer, stepper.scaler, step, elapsed)
+    try:
+        if getattr(adapter, "SAVES_MODEL", False):
+            # A whole model per checkpoint would be a second multi-GB copy beside trainable.safetensors,
+            # which already holds every trained weight: such checkpoints keep only what resume needs.
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            _save(adapter, pipe, folder, cfg, spec, step)
+        checkpoints.write_state(folder, pipe, stepper.optimizer, stepper.scaler, step, elapsed)
+    except Exception:
+        if not (folder / checkpoints.TRAINER).exists():  # half a checkpoint: give its space back
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     emit(events.Checkpoint(step, str(folder.relative_to(paths.root))))
 
 
 def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
-    """Community-format copies of the final adapter, each read back by an independent loader."""
+    """Community-format copies of the final adapter, each read back by an independent loader, and
+    stamped with the ss_* / modelspec.* fields the clients show (base model, trigger word, steps...)."""
+    from studio.adapters import metadata
     from studio.adapters.checks import write_reports
 
     export = getattr(adapter, "export", None)
@@ -545,6 +659,7 @@ def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
         return
     with models.CONSTRUCTION_LOCK:  # the checks build fresh copies of the model
         reports = export(paths.adapter, pipe)
+    metadata.stamp_reports(paths.adapter, reports, metadata.family_of(pipe))
     write_reports(paths.adapter, reports)
     for report in reports:
         emit(events.Progress(step, step, report.summary()))
@@ -558,7 +673,7 @@ def _samples(pipe, cfg: TrainConfig, spec: DatasetSpec, paths: RunPaths, step: i
     pipe.unet.eval()
     files = []
     for i, prompt in enumerate(prompts):
-        generator = torch.Generator().manual_seed(cfg.seed + i)  # same noise at every step: comparable
+        generator = torch.Generator().manual_seed(seed_key(cfg.seed + i))  # same noise at every step: comparable
         image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=generator,
                      height=cfg.resolution, width=cfg.resolution).images[0]
         out = paths.sample(step, i)
