@@ -68,13 +68,13 @@ def test_the_token_cannot_name_a_path(tmp_path, no_request):
 @pytest.fixture
 def served(tmp_path):
     """The app in shared mode on loopback, launched as `python app.py --share` would (without the tunnel)."""
-    from studio.ui import build_app
+    from studio.ui import build_app, launch_options
 
     studio = Studio(Workspace(tmp_path / "ws"), "tiny", shared=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
     _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                           allowed_paths=[str(studio.home.root)])
+                           **launch_options(studio))
     yield studio, url
     studio.manager.cancel(None)
     app.close()

@@ -6,7 +6,7 @@ jobs, like a browser tab: a shared studio keeps clients apart.
     /train           (dataset, method, steps, model)       -> run id (the job runs or waits its turn)
     /job_status      ()                                    -> {"kind", "label", "status", "position", "message"}
     /cancel_job      ()                                    -> whether a job was cancelled
-    /render          (prompt, run, scale, seed, steps)     -> a PNG file of the adapted image
+    /render          (prompt, run, scale, seed, steps)     -> a PNG file of the adapted image (downloaded)
     /evaluate_runs   (dataset, runs, seeds, steps)         -> the evaluation folder's name
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+from gradio.data_classes import FileData
 
 from studio.ui.context import Studio, friendly
 
@@ -29,8 +30,9 @@ def register(studio: Studio) -> None:
         from studio.config import build_config
         from studio.train import prepare, run
 
-        cfg = build_config(values=dict(model=model or studio.default_model, method=method, steps=int(steps),
-                                       dataset=str(studio.workspace.dataset(dataset).root), sample_every=0))
+        values = studio.confine(dict(model=model or studio.default_model, method=method, steps=steps,
+                                     dataset=str(studio.workspace.dataset(dataset).root), sample_every=0))
+        cfg = build_config(values=values)  # checkpoints by time (checkpoint_minutes) as every run has them
         paths = studio.workspace.run(studio.workspace.new_run_id(method))
         prepare(cfg, paths.root)
         studio.jobs.start("train", paths.run_id, paths.root, lambda should_stop: run(cfg, paths.root, should_stop=should_stop))
@@ -49,23 +51,31 @@ def register(studio: Studio) -> None:
         return studio.jobs.cancel()
 
     @friendly
-    def render(prompt: str, run: str = "", scale: float = 1.0, seed: int = 0, steps: int = 20) -> str:
+    def render(prompt: str, run: str = "", scale: float = 1.0, seed: int = 0, steps: int = 20) -> FileData:
+        """The PNG as a file the client downloads (served from Gradio's cache under a hash of its content:
+        the link names no workspace, session or token)."""
+        from studio import limits
         from studio.generate import AdapterChoice, GenerateRequest
 
+        limits.check_render(steps, seed, 7.5)
+        limits.check_range("scale", scale, -10, 10, "The scale")
         choices = [AdapterChoice(str(studio.workspace.run(run).root), float(scale))] if run else []
         image = studio.playground.generate(GenerateRequest(prompt, studio.default_model, choices, seed=int(seed),
                                                            steps=int(steps)))
         out = studio.workspace.root / "renders" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.perf_counter_ns()}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
-        return str(out)
+        return FileData(path=studio.servable(out), orig_name=out.name)
 
     @friendly
     def evaluate_runs(dataset: str, runs: list[str], seeds: int = 1, steps: int = 2) -> str:
         from studio.evaluate.protocol import EvalConfig, evaluate
 
+        from studio import limits
         from studio.data.dataset import load_dataset
 
+        limits.check_range("steps", steps, 1, limits.MAX_DENOISE_STEPS, "Denoising steps")
+        limits.check_range("seeds", seeds, 1, 64, "Images per prompt")
         load_dataset(studio.workspace.dataset(dataset).root)  # a missing dataset: one sentence now, not a failed job
         out = studio.workspace.evals / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.perf_counter_ns() % 10**6}"
         cfg = EvalConfig(dataset=str(studio.workspace.dataset(dataset).root),

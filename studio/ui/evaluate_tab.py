@@ -3,19 +3,30 @@ baselines; a recommendation with one click to open it in the Playground. Runs as
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import gradio as gr
 
+from studio.errors import StudioError
+from studio.ui import forms
 from studio.ui.context import Studio, friendly
 
 KIND_LABELS = {"training captions": "training", "DreamBench + your prompts": "generalization",
                "without the trigger (leak)": "agnostic", "context pairs": "context"}
+# The built-in pocket model knows plain backgrounds, not forests or beaches: its contexts are the walkthrough's,
+# two backgrounds its concept never appears on; and it is drawn at guidance 5, as its model card measures it
+# (assets/pocket-sd/README.md).
+POCKET_CONTEXTS = ["on a red background", "on a blue background"]
+POCKET_GUIDANCE, DEFAULT_GUIDANCE = 5.0, 7.5
+_CANCELLING: set[str] = set()  # ids of evaluation jobs asked to stop that have not stopped yet
+_FIRST_IMAGE: dict[str, tuple[float, int]] = {}  # evaluation folder -> (time, count) when images began
 
 
 def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     from studio.evaluate.prompts import DEFAULT_CONTEXTS
 
+    pocket = bool(default_clip)  # the built-in model (or the tiny test model) and its own CLIP
     gr.Markdown("Does the model reproduce **your concept** (CLIP-I, DINO: generated images against your photos) "
                 "and still **follow prompts** (CLIP-T: image against its prompt)? Each run is swept over "
                 "checkpoints and scales; upper right is best, the dashed line is your photos against each other.")
@@ -34,10 +45,13 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
                             elem_id="eval-scales")
         checkpoints = gr.Radio(["final", "all"], value="final", label="Checkpoints")
     with gr.Row():
-        seeds = gr.Number(value=2, precision=0, label="Images per prompt")
-        steps = gr.Number(value=20, precision=0, label="Denoising steps")
+        seeds = gr.Number(value=2, precision=0, label="Images per prompt", elem_id="eval-seeds")
+        steps = gr.Number(value=20, precision=0, label="Denoising steps", elem_id="eval-steps")
+        guidance = gr.Number(value=POCKET_GUIDANCE if pocket else DEFAULT_GUIDANCE, label="Guidance",
+                             info="classifier-free guidance scale of every image", elem_id="eval-guidance")
         own = gr.Textbox(value="", lines=2, label="Your prompts (one per line, with {token} and {class})")
-        contexts = gr.Textbox(value="\n".join(DEFAULT_CONTEXTS), lines=3, label="Contexts (one per line)")
+        contexts = gr.Textbox(value="\n".join(POCKET_CONTEXTS if pocket else DEFAULT_CONTEXTS), lines=3,
+                              label="Contexts (one per line)", elem_id="eval-contexts")
     with gr.Row():
         start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
         cancel = gr.Button("Cancel", variant="stop")
@@ -56,23 +70,75 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     files = gr.File(label="results.csv (one row per image), summary.csv", file_count="multiple")
     folder = gr.State(None)
     best = gr.State(None)
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(1.0, active=False)  # ticks while an evaluation goes, and once to draw one on load
 
     form = dict(runs=runs, dataset=dataset, clip=clip, dino=dino, kinds=kinds, per_kind=per_kind, scales=scales,
-                checkpoints=checkpoints, seeds=seeds, steps=steps, own=own, contexts=contexts)
+                checkpoints=checkpoints, seeds=seeds, steps=steps, guidance=guidance, own=own, contexts=contexts)
+    saved = forms.remember("eval-form", form)
 
     @friendly
     def on_start(data):
-        return _start(studio, data[model_box] or studio.default_model, {k: data[c] for k, c in form.items()})
+        try:
+            return (*_start(studio, studio.user_model(data[model_box] or studio.default_model),
+                            {k: data[c] for k, c in form.items()}), gr.Timer(active=True))
+        except (gr.Error, StudioError) as exc:  # one sentence where the eye is, and a toast
+            message = getattr(exc, "message", None) or str(exc)
+            gr.Warning(message)
+            return gr.update(), f"**Not started:** {message}", gr.update()
 
-    start.click(on_start, {model_box, *form.values()}, [folder, status])
-    cancel.click(lambda: "Cancelling…" if studio.jobs.cancel() else "No evaluation is running.", None, [status])
+    start.click(on_start, {model_box, *form.values()}, [folder, status, timer]).then(
+        forms.saver(form), list(form.values()), saved, show_progress="hidden")
+    cancel.click(lambda: _cancel(studio), None, [status])
     drawn = gr.State(None)  # the finished evaluation on the page: redrawn only when it changes
-    timer.tick(lambda f, d: _view(studio, f, d), [folder, drawn],
-               [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn])
+    view = [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn]
+    timer.tick(lambda f, d: _tick(studio, f, d), [folder, drawn], [*view, timer], show_progress="hidden")
     refresh.click(lambda: (gr.update(choices=studio.workspace.list_runs()),
                            gr.update(choices=studio.workspace.list_datasets())), None, [runs, dataset])
-    return {"runs": runs, "dataset": dataset, "folder": folder, "open": open_best, "best": best}
+
+    def restore(values, shown):
+        values = values or _settings_form(shown)
+        allowed = {"runs": lambda v: isinstance(v, list) and set(v) <= set(studio.workspace.list_runs()),
+                   "dataset": lambda v: v in studio.workspace.list_datasets(),
+                   "kinds": lambda v: isinstance(v, list) and set(v) <= set(KIND_LABELS)}
+        return [*forms.restored(values, list(form), allowed), gr.Timer(active=True)]  # one tick draws `shown`
+
+    return {"runs": runs, "dataset": dataset, "folder": folder, "open": open_best, "best": best,
+            "restore": dict(fn=restore, inputs=[saved, folder], outputs=[*form.values(), timer],
+                            show_progress="hidden")}
+
+
+def _settings_form(folder: str | None) -> dict:
+    """The form an evaluation on display was run with (a fresh browser shows it beside its results)."""
+    from pathlib import Path
+
+    from studio.evaluate.protocol import read_settings
+
+    try:
+        cfg = read_settings(Path(folder))["config"] if folder else None
+    except (OSError, KeyError, TypeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    labels = {key: label for label, key in KIND_LABELS.items()}
+    return dict(runs=[Path(r).name for r in cfg.get("runs", [])], dataset=Path(cfg.get("dataset", "")).name,
+                kinds=[labels[k] for k in cfg.get("kinds", []) if k in labels], per_kind=cfg.get("per_kind"),
+                scales=", ".join(f"{v:g}" for v in cfg.get("scales", [])), checkpoints=cfg.get("checkpoints"),
+                seeds=cfg.get("seeds"), steps=cfg.get("steps"), guidance=cfg.get("guidance"),
+                own="\n".join(cfg.get("prompts", [])), contexts="\n".join(cfg.get("contexts", [])))
+
+
+def _cancel(studio: Studio) -> str:
+    job = studio.jobs.current()
+    if job is not None and job.kind == "evaluate" and studio.jobs.cancel():
+        _CANCELLING.add(job.job_id)
+        return "Cancelling after the current image; the images drawn so far will be deleted."
+    return "No evaluation is running."
+
+
+def _tick(studio: Studio, folder, drawn):
+    job = studio.jobs.current()
+    live = job is not None and job.kind == "evaluate" and job.active
+    return [*_view(studio, folder, drawn), gr.Timer(active=live)]
 
 
 def latest_folder(studio: Studio) -> str | None:
@@ -90,6 +156,9 @@ def _start(studio: Studio, model, data: dict):
     from studio import hosting
     from studio.evaluate.protocol import EvalConfig, evaluate
 
+    if not data["runs"]:
+        raise gr.Error("Choose at least one run to evaluate in 'Runs'; the base model alone has nothing to "
+                       "compare against.", print_exception=False)
     if not data["dataset"]:
         raise gr.Error("Choose the dataset the runs were trained on.", print_exception=False)
     try:
@@ -106,16 +175,39 @@ def _start(studio: Studio, model, data: dict):
         find_adapter_dir(Path(run))
     out = studio.workspace.evals / time.strftime("%Y%m%d-%H%M%S")
     cfg = EvalConfig(dataset=str(studio.workspace.dataset(data["dataset"]).root), runs=run_dirs, model=model,
-                     clip=data["clip"], dino=data["dino"], kinds=[KIND_LABELS[k] for k in data["kinds"] or []],
+                     clip=studio.user_model(data["clip"], "the CLIP model"),
+                     dino=studio.user_model(data["dino"], "the DINO model", ("none",)), kinds=[KIND_LABELS[k] for k in data["kinds"] or []],
                      prompts=_lines(data["own"]), contexts=_lines(data["contexts"]), per_kind=int(data["per_kind"] or 0),
                      seeds=int(data["seeds"] or 1), steps=int(data["steps"] or 1), scales=scales or [1.0],
-                     checkpoints=data["checkpoints"])
+                     checkpoints=data["checkpoints"], guidance=float(data["guidance"] if data["guidance"] is not None
+                                                                     else DEFAULT_GUIDANCE))
 
     def work(should_stop):  # the report is written by evaluate, before its last event
-        return evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))
+        result = evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))
+        if getattr(result, "status", "") == "cancelled":  # no half evaluation is left behind
+            shutil.rmtree(out, ignore_errors=True)
+        return result
 
     studio.jobs.start("evaluate", out.name, out, work)
-    return str(out), "Evaluation started…"
+    return str(out), "Evaluation started: loading the models…"
+
+
+def _progress_line(folder: str, progress) -> str:
+    """'Generating 12/108: prompt · ETA 2 min', the rate measured from the first image on (model loading
+    is not counted); after the last image, the phase that follows."""
+    if progress.done >= progress.total:
+        return f"{progress.message or 'Embedding and scoring'} ({progress.total} images drawn)"
+    now = time.monotonic()
+    first = _FIRST_IMAGE.setdefault(folder, (now, progress.done))
+    line = f"Generating {progress.done + 1}/{progress.total}: {progress.message}"
+    if progress.done > first[1]:
+        rate = (now - first[0]) / (progress.done - first[1])
+        line += f" · {rate:.1f} s/image · ETA {_duration(rate * (progress.total - progress.done))}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _lines(text) -> list[str]:
@@ -135,6 +227,12 @@ def _view(studio: Studio, folder, drawn=None):
         return keep
     history = ev.read_events(Path(folder) / "events.jsonl")
     job = studio.jobs.current()
+    mine = job is not None and job.kind == "evaluate" and Path(folder) == Path(job.folder)
+    if mine and job.job_id in _CANCELLING:
+        if job.active:
+            return ["Cancelling after the current image…"] + keep[1:]
+        if not Path(folder).exists():
+            return ["Evaluation cancelled; the images it had drawn were deleted and nothing was kept."] + keep[1:]
     finished = next((e for e in reversed(history) if isinstance(e, ev.Finished)), None)
     if finished is None:
         if job is not None and job.kind == "evaluate" and job.status == "failed":
@@ -143,7 +241,7 @@ def _view(studio: Studio, folder, drawn=None):
             return [f"Waiting for the accelerator: {studio.jobs.position(job)} job(s) ahead (other sessions' work)."] \
                 + keep[1:]
         progress = next((e for e in reversed(history) if isinstance(e, ev.Progress) and e.total), None)
-        text = f"Generating {progress.done + 1}/{progress.total}: {progress.message}" if progress else "Loading models…"
+        text = _progress_line(str(folder), progress) if progress else "Loading models…"
         return [text] + keep[1:]
     from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results, read_settings
     from studio.evaluate.report import GRID_PNG, references_for
@@ -164,8 +262,8 @@ def _view(studio: Studio, folder, drawn=None):
     import pandas as pd
 
     grid = root / GRID_PNG
-    return [status, plots.tradeoff(summary, rec, refs), plots.prompt_heatmap(images), str(grid) if grid.exists() else None,
-            shown, [str(root / "results.csv"), str(root / SUMMARY_CSV), str(root / RECOMMENDATION)], advice,
+    return [status, plots.tradeoff(summary, rec, refs), plots.prompt_heatmap(images), studio.servable(grid) if grid.exists() else None,
+            shown, [studio.servable(root / f) for f in ("results.csv", SUMMARY_CSV, RECOMMENDATION)], advice,
             gr.update(visible=rec is not None), rec,
             gr.update(value=pd.DataFrame(refs), visible=bool(refs)), key]
 

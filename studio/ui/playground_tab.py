@@ -77,7 +77,8 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
         choices = [AdapterChoice(str(choice_path(studio, p)), float(data[s]))
                    for p, s in ((data[pk], sl) for pk, sl in zip(pickers, sliders)) if p]
-        return GenerateRequest(data[prompt], data[model_box] or studio.default_model, choices, data[negative],
+        model = studio.user_model(data[model_box] or studio.default_model)  # shared: builtin, hub ids, the host's list
+        return GenerateRequest(data[prompt], model, choices, data[negative],
                                int(data[seed] or 0), int(data[steps]), float(data[guidance]))
 
     @friendly
