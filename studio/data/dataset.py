@@ -23,6 +23,7 @@ from PIL import Image
 from studio.data import crops
 from studio.data.captions import DEFAULT_TEMPLATE, render
 from studio.data.images import MIN_SIDE, WHITE, center_crop_resize, open_photo, parse_colour
+from studio import limits
 from studio.errors import StudioError
 from studio.paths import DatasetPaths, staging, swap_into_place
 
@@ -163,8 +164,9 @@ def save_dataset(paths: DatasetPaths, prepared: list[Prepared], captions: list[s
     options = options or PrepOptions()
     repeats = repeats or [p.repeats for p in prepared]
     for r, p in zip(repeats, prepared):
-        if int(r) < 1:
-            raise StudioError(f"Repeats of '{p.source}' must be 1 or more, got {r}; set a whole number.")
+        if not 1 <= int(r) <= limits.REPEATS_PER_IMAGE_MAX:
+            raise StudioError(f"Repeats of '{p.source}' must be from 1 to {limits.REPEATS_PER_IMAGE_MAX}, got {r}; "
+                              "set a whole number in that range.")
     spec = DatasetSpec(token.strip(), class_word.strip(), resolution, template, buckets=options.buckets,
                        background=options.background)
     tmp = DatasetPaths(staging(paths.root))
@@ -226,7 +228,11 @@ def load_dataset(root: Path) -> DatasetSpec:
     for item in spec.items:
         txt = paths.caption(paths.images / item.file)
         if txt.exists():
-            item.caption = txt.read_text(encoding="utf-8").strip()
+            item.caption = limits.read_caption(txt).strip()
+        if not isinstance(item.repeats, int) or not 1 <= item.repeats <= limits.REPEATS_PER_IMAGE_MAX:
+            raise StudioError(f"Image '{item.file}' of dataset '{paths.root.name}' has repeats {item.repeats!r}; "
+                              f"repeats are whole numbers from 1 to {limits.REPEATS_PER_IMAGE_MAX}, so fix "
+                              "dataset.yaml or save the dataset again.")
     if not spec.items:
         raise StudioError(f"Dataset '{root}' has no images; add photos in the Dataset tab.")
     return spec

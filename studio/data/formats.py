@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio import limits
 from studio.data.images import HEIC_SUFFIXES
 from studio.errors import StudioError
 from studio.paths import DATASET_FILE, IMAGE_SUFFIXES, safe_name, staging, swap_into_place
@@ -61,7 +62,7 @@ def _with_caption(path: Path, root: Path, repeats: int) -> SourceFile:
     for suffix in (".txt", ".caption"):
         text_file = path.with_suffix(suffix)
         if text_file.is_file():
-            caption = " ".join(text_file.read_text(encoding="utf-8", errors="replace").split())
+            caption = " ".join(limits.read_caption(text_file).split())
             break
     return SourceFile(path, path.relative_to(root).as_posix(), caption, repeats)
 
@@ -133,7 +134,7 @@ def pair_uploads(files: list[tuple[Path, str]]) -> list[SourceFile]:
                     captions[Path(source.name).name] = source.caption
     for path, name in files:
         if Path(name).suffix.lower() in (".txt", ".caption"):
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            text = limits.read_caption(path, Path(name).name)  # a 50 MB "caption" is refused, not read
             captions[Path(name).stem] = " ".join(text.split())
     return [SourceFile(Path(path), name, captions.get(Path(name).name, captions.get(Path(name).stem)))
             for path, name in files

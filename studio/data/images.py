@@ -15,7 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from studio.errors import StudioError
 
-# Pillow's default bomb limit is ~179 Mpx; a concept photo never needs more than 100 Mpx.
+# Pillow's default bomb limit is ~179 Mpx; a concept photo never needs 100 Mpx (a 48-Mpx phone photo is
+# the largest common one), and decoding that many pixels takes over 1 GB: refused at the limit.
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 64
 HEIC_SUFFIXES = (".heic", ".heif")
@@ -82,7 +83,7 @@ def open_photo(path: Path, display_name: str | None = None, min_side: int = MIN_
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
             im = Image.open(path)
         with im:
-            if im.width * im.height > MAX_PIXELS:
+            if im.width * im.height >= MAX_PIXELS:  # at the limit too: decoding 100 Mpx costs over 1 GB
                 raise _bomb(name, f"{im.width}×{im.height} pixels")
             im.seek(0)  # GIF, multi-page TIFF: the first frame
             im.load()
@@ -102,7 +103,7 @@ def open_photo(path: Path, display_name: str | None = None, min_side: int = MIN_
 
 
 def _bomb(name: str, what: str) -> StudioError:
-    return StudioError(f"'{name}' declares {what}, over the {MAX_PIXELS // 1_000_000} megapixel limit "
+    return StudioError(f"'{name}' declares {what}, at or over the {MAX_PIXELS // 1_000_000} megapixel limit "
                        "(a decompression bomb or a huge scan); downscale it below that first.")
 
 

@@ -114,6 +114,7 @@ def _upload_paths(files) -> list[tuple[Path, str]]:
 
 def _prepare(files, token, class_word, template, resolution, crop="subject", buckets=False, background="#ffffff",
              border="#ffffff", detector="", audit_model="", progress=gr.Progress()):
+    from studio import limits
     from studio.data import prep
     from studio.data.formats import pair_uploads
 
@@ -121,6 +122,7 @@ def _prepare(files, token, class_word, template, resolution, crop="subject", buc
         raise gr.Error("No photos were uploaded; add some images first.", print_exception=False)
     options = _options(crop, buckets, background, border, detector)
     sources = pair_uploads(_upload_paths(files))
+    limits.check_import_count(len(sources))  # hundreds of photos held in the page at once: refused in one sentence
     items, problems = prep.prepare_photos([(s.path, s.name) for s in sources], int(resolution), options,
                                           lambda i, n: progress((i, n), desc="Preparing photos"))
     given = {s.name: s.caption for s in sources}
