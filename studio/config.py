@@ -35,7 +35,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 
 @dataclass
 class TrainConfig:
-    model: str = _help("Base model: a hub id, a local diffusers folder, or 'builtin'. Empty: the default.", "")
+    model: str = _help("Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint "
+                       "(SD 1.x, SD 2.x or SDXL, original layout), or 'builtin'. Empty: the default.", "")
+    vae: str = _help("A separate VAE (.safetensors file or diffusers folder) instead of the base model's own; "
+                     "empty keeps the model's.", "")
     dataset: str = _help("Dataset folder written by the Dataset tab or `studio prep`.", "")
     method: Method = _help("What trains: 'lora' (Hu et al. 2021), 'dora' (weight-decomposed LoRA, Liu et al. "
                            "2024), 'loha' / 'lokr' (Hadamard / Kronecker products, LyCORIS, Yeh et al. 2024), "

@@ -112,6 +112,8 @@ class AdapterMeta:
     has_scale: bool = True
     rank: int | None = None
     alpha: float | None = None
+    base_hash: str = ""  # content hash of a single-file base model (models.base_record), "" otherwise
+    vae: str = ""  # the separate VAE the run trained with, "" for the base model's own
 
 
 def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
