@@ -33,7 +33,7 @@ from studio.data.dataset import load_dataset
 from studio.errors import StudioError
 from studio.evaluate import metrics
 from studio.evaluate.prompts import DEFAULT_CONTEXTS, DEFAULT_KINDS, KINDS, Prompt, build_prompts, prompts_for
-from studio.generate import AdapterChoice, GenerateRequest, Playground
+from studio.generate import AdapterChoice, GenerateRequest, Playground, choose_base
 from studio.paths import DatasetPaths, RESULTS_CSV, RunPaths, safe_name
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "rescore", "recommend", "prompts_for", "SUMMARY_COLUMNS",
@@ -61,7 +61,8 @@ PAPER_REFERENCE = [
 class EvalConfig:
     dataset: str
     runs: list[str] = field(default_factory=list)
-    model: str = ""
+    model: str = ""  # '' = the base the first run was trained on (generate.choose_base)
+    vae: str = ""  # a separate VAE for the base model; '' = the run's, or the model's own
     clip: str = ""  # CLIP id or folder; '' = openai/clip-vit-base-patch32 online, the pocket CLIP offline
     dino: str = ""  # DINO id or folder; '' = facebook/dino-vits16 online, none offline; 'none' skips it
     kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
@@ -246,8 +247,8 @@ def _render_point(point: Point, prompts: list[Prompt], cfg: EvalConfig, playgrou
     for index, prompt in enumerate(prompts):
         for seed in range(cfg.seeds):
             counter.tick(f"{point.label}: {prompt.text}")
-            image = playground.generate(GenerateRequest(prompt.text, cfg.model, choices, seed=seed, steps=cfg.steps,
-                                                        guidance=cfg.guidance))
+            image = playground.generate(GenerateRequest(prompt.text, model, choices, seed=seed, steps=cfg.steps,
+                                                        guidance=cfg.guidance, vae=vae))
             path = folder / f"{index:03d}-{prompt.kind}-seed{seed}.png"
             image.save(path)
             rows.append(dict(point=point.label, run=point.run, method=point.method, checkpoint=point.step,
@@ -265,6 +266,8 @@ class _EmbeddingStore:
     def __init__(self, path: Path):
         from safetensors.torch import load_file
 
+    # baselines (no adapter) and every run draw with one base: the one named, or the runs' own
+    model, vae = choose_base(cfg.model, cfg.vae, [AdapterChoice(r) for r in cfg.runs])
         self.path = Path(path)
         self.data = {}
         if self.path.exists():
