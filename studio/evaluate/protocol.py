@@ -241,6 +241,8 @@ def _dino(name: str):
 
 def _render_point(point: Point, prompts: list[Prompt], cfg: EvalConfig, playground, counter, out_dir: Path) -> list[dict]:
     choices = [AdapterChoice(point.adapter, point.scale)] if point.adapter else []
+    # baselines (no adapter) and every run draw with one base: the one named, or the runs' own
+    model, vae = choose_base(cfg.model, cfg.vae, [AdapterChoice(r) for r in cfg.runs])
     folder = out_dir / "images" / point.slug
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -266,8 +268,6 @@ class _EmbeddingStore:
     def __init__(self, path: Path):
         from safetensors.torch import load_file
 
-    # baselines (no adapter) and every run draw with one base: the one named, or the runs' own
-    model, vae = choose_base(cfg.model, cfg.vae, [AdapterChoice(r) for r in cfg.runs])
         self.path = Path(path)
         self.data = {}
         if self.path.exists():
