@@ -209,6 +209,9 @@ def test_concept_studio_in_a_browser(page, app_url, photos):
     uploads = [*photos["good"], photos["not_image"], photos["truncated"]]
     page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in uploads])
     expect(page.locator("#dataset-upload tbody tr")).to_have_count(len(uploads), timeout=30 * SECOND)
+    class_word = page.locator("#dataset-class-word textarea, #dataset-class-word input").first
+    expect(class_word).to_have_value("shape")  # the built-in model's class word, until one types another
+    class_word.fill("stuffed animal")
     page.locator("#dataset-prepare").click()
     gallery = page.locator("#dataset-gallery img")
     expect(gallery).to_have_count(5, timeout=30 * SECOND)
@@ -235,6 +238,7 @@ def test_concept_studio_in_a_browser(page, app_url, photos):
     open_tab(page, "Train")
     dataset_box = page.locator("#train-dataset input[role=combobox]")
     expect(dataset_box).to_have_value("bear-plushie", timeout=15 * SECOND)
+    choose(page, "train-preset", "(none)")  # the plain defaults, not the built-in model's demo recipe
     set_number(page, page.locator("#train-steps input"), 30)
     set_number(page, page.locator("#train-sample_every input"), 15)
     page.locator("#train-start").click()
@@ -306,3 +310,102 @@ def test_concept_studio_in_a_browser(page, app_url, photos):
     assert app_url["proc"].poll() is None, "the app stopped serving"
     assert not [t for t in toast_texts(page) if "went wrong" in t], toast_texts(page)
     print(f"\nbrowser flow took {time.monotonic() - started:.1f} s")
+
+
+# --- every preset trains what it says ------------------------------------------------------------------------------
+
+# What this test types after picking a preset, as a user keeping the run small would: the tiny model, two
+# steps, (for prior preservation) one class image of one denoising step, and the dataset's 64 px where a
+# preset names a resolution. Every other value must be the preset's own.
+TYPED = {"steps": 1, "num_class_images": 1, "class_image_steps": 1}
+
+
+def type_into(page, name: str, value) -> None:
+    box = page.locator(f"#train-{name} input")
+    if not box.is_visible():  # the setting is under "More options"
+        page.get_by_text("More options", exact=True).click()
+    set_number(page, box, value)
+
+
+def wait_for_run(page, workspace: Path, previous: str | None = None) -> str:
+    """The run the Start button just began: its id in 'Run shown' and its config.yaml on disk."""
+    from playwright.sync_api import expect
+
+    run_box = page.locator("#train-run input[role=combobox]")
+    expect(run_box).not_to_have_value(previous or "", timeout=90 * SECOND)  # the first Start imports torch
+    expect(page.locator("#train-status")).not_to_contain_text("Not started")
+    run_id = run_box.input_value()
+    config = workspace / "runs" / run_id / "config.yaml"
+    deadline = time.monotonic() + 60
+    while not config.exists():
+        assert time.monotonic() < deadline, f"{config} was not written within 60 s"
+        time.sleep(0.2)
+    return run_id
+
+
+def stop_run(page, run_id: str) -> None:
+    """Cancel (config.yaml is what is checked) and wait until the run has ended, so the next can start."""
+    from playwright.sync_api import expect
+
+    page.locator("#train-cancel").click()
+    expect(page.locator("#train-status")).to_contain_text(
+        re.compile(rf"{re.escape(run_id)}.*(cancelled|completed): "), timeout=120 * SECOND)
+
+
+def same(a, b) -> bool:
+    return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-12 * abs(b))
+
+
+def test_every_preset_trains_its_own_method(page, app_url, photos):
+    import yaml
+    from playwright.sync_api import expect
+
+    from studio.config import build_config, list_presets, load_preset
+    from studio.data.dataset import prep_folder
+
+    workspace: Path = app_url["workspace"]
+    prep_folder(photos["good"][0].parent, workspace / "datasets" / "preset-check", "sks", "toy", 64)
+    page.reload()
+    open_tab(page, "Train")
+    choose(page, "train-dataset", "preset-check")
+    method_box = page.locator("#train-method input[role=combobox]")
+    previous = None
+    for name in list_presets():
+        preset, form = load_preset(name), build_config(name).to_dict()
+        choose(page, "train-preset", name)
+        # The form shows the preset: its method and its values, before anything is typed.
+        expect(method_box).to_have_value(form["method"])
+        expect(page.locator("#train-steps input")).to_have_value(str(form["steps"]))
+        # (Steps were typed as 2 before: once they show the preset's, the whole update has arrived.)
+        assert same(float(page.locator("#train-learning_rate input").input_value()), form["learning_rate"])
+        page.locator("#model-box textarea, #model-box input").first.fill("tiny")
+        typed = dict(TYPED) if form["prior_preservation"] else {"steps": TYPED["steps"]}
+        if form["resolution"]:  # a preset for real models' 512 px: the 64-px dataset's own size instead
+            typed["resolution"] = 64
+        for key, value in typed.items():
+            type_into(page, key, value)
+        page.locator("#train-start").click()
+        run_id = wait_for_run(page, workspace, previous)
+        assert run_id.endswith(form["method"]), run_id
+        config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+        assert config["method"] == form["method"], (name, config["method"])
+        assert config["model"] == "tiny" and config["dataset"].endswith("preset-check")
+        for key, value in {**preset, **typed}.items():
+            if key != "model":
+                assert same(config[key], typed.get(key, value)), (name, key, config[key], value)
+        stop_run(page, run_id)
+        previous = run_id
+
+    # The user's edit after a preset wins over it: DreamBooth's prior preservation and rate, but a LoRA.
+    choose(page, "train-preset", "dreambooth")
+    expect(method_box).to_have_value("full")
+    choose(page, "train-method", "lora")
+    for key, value in TYPED.items():
+        type_into(page, key, value)
+    page.locator("#train-start").click()
+    run_id = wait_for_run(page, workspace, previous)
+    config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+    dreambooth = load_preset("dreambooth")
+    assert config["method"] == "lora" and config["prior_preservation"] is True
+    assert same(config["learning_rate"], dreambooth["learning_rate"])
+    stop_run(page, run_id)
