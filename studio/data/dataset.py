@@ -262,6 +262,9 @@ def prep_folder(src: Path, out: Path, token: str, class_word: str, resolution: i
     from studio.data.formats import read_source
 
     src = Path(src)
+    if src.is_file():
+        raise StudioError(f"'{src}' is a file, not a folder; give the folder that holds the photos "
+                          "(put a single photo in a folder of its own).")
     if not src.is_dir():
         raise StudioError(f"Source folder '{src}' does not exist; give a folder of photos.")
     sources, _ = read_source(src)

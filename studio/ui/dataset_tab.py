@@ -18,18 +18,25 @@ from studio.ui.context import Studio, friendly
 HEADERS = ["image", "caption", "repeats", "trains at", "crop box (in the original)"]
 CAPTION, REPEATS = 1, 2  # columns of the captions table
 SHOWN_SIDE = 640  # the original is shown at most this large; clicks are scaled back
+FEWEST, MOST = 3, 20  # photos the tab asks for
+# The built-in pocket model knows shapes on plain backgrounds: its concept's class word is "shape".
+POCKET_CLASS, DEFAULT_CLASS = "shape", "stuffed animal"
 
 
 def build(studio: Studio, default_resolution: int) -> dict:
-    gr.Markdown("Upload 3–20 photos of your concept (add kohya `.txt` captions or a `metadata.jsonl` to keep "
+    pocket = studio.default_model in ("builtin", "tiny")
+    gr.Markdown(f"Upload {FEWEST}–{MOST} photos of your concept (add kohya `.txt` captions or a `metadata.jsonl` to keep "
                 "their captions). They are turned upright from their EXIF orientation and cropped so the subject "
                 "stays in frame; check each crop below, which is exactly what will train.")
     with gr.Row():
         files = gr.File(label="Photos", file_count="multiple", file_types=["image", ".txt", ".jsonl", ".heic", ".heif"],
                         elem_id="dataset-upload")
         with gr.Column():
-            token = gr.Textbox(value="sks", label="Trigger word", info="a rare word that will name your concept")
-            class_word = gr.Textbox(value="stuffed animal", label="Class word", info="what it is: dog, mug, plushie…")
+            token = gr.Textbox(value="sks", label="Trigger word", info="a rare word that will name your concept",
+                               elem_id="dataset-token")
+            class_word = gr.Textbox(value=POCKET_CLASS if pocket else DEFAULT_CLASS, label="Class word",
+                                    info="what it is: dog, mug, plushie… (the built-in model knows 'shape')",
+                                    elem_id="dataset-class-word")
             template = gr.Textbox(value=DEFAULT_TEMPLATE, label="Caption template")
             resolution = gr.Number(value=default_resolution, precision=0, label="Resolution (px)",
                                    info="64 for the built-in model, 512 for Stable Diffusion 1.5")
@@ -95,7 +102,7 @@ def build(studio: Studio, default_resolution: int) -> dict:
     original.select(friendly(_centre_box), [prepared, pick, *box], [*box])
     set_box.click(friendly(_set_box), [prepared, pick, *box, resolution, *options, captions],
                   [prepared, gallery, captions, original, preview])
-    save.click(friendly(lambda *a: _save(studio, *a)),
+    save.click(friendly(lambda *a: _save_or_say(studio, *a)),
                [prepared, captions, name, token, class_word, resolution, template, *options], [saved])
     return {"saved": saved}
 
@@ -242,6 +249,18 @@ def _set_box(prepared, source, left, top, right, bottom, resolution, crop, bucke
     return items, _gallery(items), table, _outline(new, new.crop), new.image
 
 
+def _save_or_say(studio: Studio, *args) -> str:
+    """Save; a refusal stays beside the Save button (and shows as a toast), not only in a fading toast."""
+    from studio.errors import StudioError
+
+    try:
+        return _save(studio, *args)
+    except (gr.Error, StudioError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        gr.Warning(message)
+        return f"**Not saved:** {message}"
+
+
 def _save(studio: Studio, prepared, captions, name, token, class_word, resolution, template, crop="subject",
           buckets=False, background="#ffffff", border="#ffffff", detector=""):
     from studio.data.prep import save
@@ -259,7 +278,14 @@ def _save(studio: Studio, prepared, captions, name, token, class_word, resolutio
     spec = save(paths.root, prepared, texts, token, class_word, int(resolution), template,
                 _options(crop, buckets, background, border, detector), repeats)
     where = paths.root.relative_to(studio.workspace.root) if paths.root.is_relative_to(studio.workspace.root) else paths.root
-    return f"Saved **{len(spec.items)}** images to `{where}` as dataset **{paths.root.name}**."
+    line = f"Saved **{len(spec.items)}** images to `{where}` as dataset **{paths.root.name}**."
+    if len(spec.items) < FEWEST:
+        line += (f"\n\n**Warning:** {len(spec.items)} image(s) is fewer than the {FEWEST}–{MOST} this tab asks "
+                 "for; a concept learnt from so few copies its photos. Add more and save again.")
+    elif len(spec.items) > MOST:
+        line += (f"\n\n**Note:** {len(spec.items)} images is more than the {FEWEST}–{MOST} this tab asks for; "
+                 "training takes longer to see each one.")
+    return line
 
 
 def _whole(value) -> int:

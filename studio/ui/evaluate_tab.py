@@ -111,11 +111,13 @@ def _settings_form(folder: str | None) -> dict:
     """The form an evaluation on display was run with (a fresh browser shows it beside its results)."""
     from pathlib import Path
 
+    import yaml
+
     from studio.evaluate.protocol import read_settings
 
     try:
         cfg = read_settings(Path(folder))["config"] if folder else None
-    except (OSError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError, yaml.YAMLError):  # none written yet (still drawing), or damaged
         return {}
     if not isinstance(cfg, dict):
         return {}
