@@ -129,8 +129,11 @@ def choose_base(model: str, vae: str, choices: list[AdapterChoice]) -> tuple[str
     return model, vae
 
 
-def check_recorded_bases(ref: models.ModelRef, choices: list[AdapterChoice]) -> None:
-    """One sentence if a chosen run was trained on this very checkpoint file and the file has changed."""
+def check_recorded_bases(model: str, choices: list[AdapterChoice]) -> None:
+    """One sentence if a chosen run was trained on the checkpoint file `model` names and that file is gone
+    or has changed since (checked before anything loads)."""
+    if not (model or "").strip() or Path(model).suffix.lower() != ".safetensors":
+        return
     for choice in choices:
         if is_file_choice(choice):
             continue
@@ -138,7 +141,7 @@ def check_recorded_bases(ref: models.ModelRef, choices: list[AdapterChoice]) -> 
             meta = adapters.read_meta(adapters.find_adapter_dir(Path(choice.path)))
         except StudioError:
             continue
-        if meta.base_hash and Path(meta.base_model) == Path(ref.source):
+        if meta.base_hash and Path(meta.base_model) == Path(model).expanduser().resolve():
             models.check_recorded(meta.base_model, meta.base_hash, f"run '{Path(choice.path).name}'")
 
 
@@ -237,8 +240,8 @@ class Playground:
         with self._lock:
             model, vae = choose_base(model, vae, choices)
             model, choices = split_choices(model, choices)
-            pipe, ref = self.pipeline(model, vae)
-            check_recorded_bases(ref, choices)
+            check_recorded_bases(model, choices)
+            pipe, _ = self.pipeline(model, vae)
             wanted = [(c, self._load(pipe, c)) for c in choices]
             start = time.perf_counter()
             scaled = [(l.name, float(c.scale)) for c, l in wanted

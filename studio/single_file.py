@@ -367,6 +367,7 @@ def _vae_prefix(header: Header) -> str:
 
 HASH_BLOCKS, HASH_BLOCK = 64, 2**16  # 4 MiB read per large file, whatever its size
 HASH_WHOLE = 64 * 2**20  # files up to this size are hashed whole
+_HASHES: dict[str, str] = {}  # "path|size|mtime" -> hash, this process's copy of file-hashes.json
 
 
 def content_hash(path: Path) -> str:
@@ -379,9 +380,12 @@ def content_hash(path: Path) -> str:
     path = Path(path).resolve()
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key in _HASHES:
+        return _HASHES[key]
     store = cache_root() / "file-hashes.json"
     known = _read_json(store)
     if key in known:
+        _HASHES[key] = known[key]
         return known[key]
     digest = hashlib.sha256(str(stat.st_size).encode())
     with open(path, "rb") as handle:
@@ -399,6 +403,7 @@ def content_hash(path: Path) -> str:
     known = {k: v for k, v in _read_json(store).items() if k.split("|")[0] != str(path)}  # one entry per path
     known[key] = value
     _write_json(store, known)
+    _HASHES[key] = value
     return value
 
 
