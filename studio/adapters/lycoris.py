@@ -14,6 +14,7 @@ names follow `lora.kohya_module_name`: diffusers' layout for SD 1.x/2.x, the LDM
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 from studio.adapters.checks import ExportReport
 from studio.adapters.lora import _fixed_unet_input, kohya_module_name, ldm_module_name
 from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS, staging, swap_into_place
+
+log = logging.getLogger(__name__)
 
 KINDS = ("loha", "lokr")
 HAS_SCALE = True
@@ -42,8 +45,10 @@ def _config(cfg):
 
 
 def attach(pipe, cfg) -> None:
-    """Freeze the UNet and add one trainable LoHa/LoKr adapter (name 'default')."""
-    pipe.unet.requires_grad_(False)
+    """Freeze the whole model and add one trainable LoHa/LoKr adapter (name 'default') to the UNet."""
+    from studio.adapters.lora import freeze
+
+    freeze(pipe)
     pipe.unet.add_adapter(_config(cfg))
 
 
@@ -133,6 +138,7 @@ def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Ten
     for path, params in modules.items():
         name = kohya_module_name(path, unet)
         rank, alpha = _rank_alpha(config, path)
+        params = _rebuildable_lokr(params, unet.get_submodule(path).get_base_layer().weight.shape)
         if "lokr_w1" in params and "lokr_w2" in params:
             # LyCORIS ignores alpha when neither factor is low-rank (scale 1): fold peft's alpha / r in.
             params = {**params, "lokr_w2": params["lokr_w2"] * (alpha / rank)}
@@ -140,6 +146,84 @@ def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Ten
         out.update({f"{name}.{param}": value for param, value in params.items()})
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def _rebuildable_lokr(params: dict, weight_shape) -> dict:
+    """LoKr factors as written, or, where the LyCORIS loader would rebuild other shapes from them,
+    the same Kronecker product with the second factor written whole (`lokr_w2`, no low-rank pair).
+
+    LyCORIS's loader (lycoris/modules/lokr.py `make_module_from_state_dict`) does not read the split
+    from the file: it infers a `factor` from the tensors' shapes and factorises the layer afresh. For a
+    3x3 convolution with a low-rank w2 it counts the kernel into the input width (w2_b is
+    (r, in_n * 9)), so on layers whose input and output widths differ (SD 1.5's up_blocks.2.resnets.0.conv1,
+    1920 -> 640) it infers another factor and refuses the file. With w2 whole its input width is right,
+    and peft's split (`factorization`, the same as LyCORIS's) is found again. LoHa needs nothing of this."""
+    if not any(k.startswith("lokr_") for k in params) or "lokr_w2_a" not in params:
+        return params
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    if lycoris_lokr_shapes(shapes, tuple(weight_shape)) == shapes:
+        return params
+    w2 = params["lokr_w2_a"] @ params["lokr_w2_b"]
+    out_k = w2.shape[0]
+    w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+    w2 = w2.reshape(out_k, weight_shape[1] // w1.shape[1], *weight_shape[2:])
+    return {"lokr_w1": w1, "lokr_w2": w2}
+
+
+def lycoris_lokr_shapes(shapes: dict[str, tuple], weight_shape: tuple) -> dict[str, tuple]:
+    """The LoKr tensor shapes lycoris-lora's loader builds for a file module with these `shapes`
+    (lycoris/modules/lokr.py `make_module_from_state_dict`, then `LokrModule.__init__`): the factor it
+    infers, and the layer factorised with it by `factorization` (lycoris/functional/general.py)."""
+    w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+    w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1])
+    full = "lokr_w1_a" not in shapes and "lokr_w2_a" not in shapes
+    rank = 1 if full else (shapes.get("lokr_w1_a") or shapes["lokr_w2_a"])[1]
+    out_dim, in_dim = w1[0] * w2[0], w1[1] * w2[1]  # w2_b's width counts the kernel for convolutions
+    if (w1[0], w1[1]) == (_lycoris_factorization(out_dim)[0], _lycoris_factorization(in_dim)[0]):
+        factor = -1
+    else:
+        f1 = max(shapes["lokr_w1"]) if "lokr_w1" in shapes else max(w1)
+        f2 = max(shapes["lokr_w2"]) if "lokr_w2" in shapes else max(w2)
+        fits = lambda f: out_dim % f == 0 and in_dim % f == 0 and f in (w1[0], w2[0]) and f in (w1[1], w2[1])  # noqa: E731
+        factor = f1 if fits(f1) else f2 if fits(f2) else min(f1, f2)
+    out_l, out_k = _lycoris_factorization(weight_shape[0], factor)
+    in_m, in_n = _lycoris_factorization(weight_shape[1], factor)
+    kernel = tuple(weight_shape[2:])
+    both = "lokr_w1" not in shapes and "lokr_w2" not in shapes
+    built = {}
+    if both and rank < max(out_l, in_m) / 2 and not full:
+        built.update(lokr_w1_a=(out_l, rank), lokr_w1_b=(rank, in_m))
+    else:
+        built["lokr_w1"] = (out_l, in_m)
+    if rank >= max(out_k, in_n) / 2 or full:
+        built["lokr_w2"] = (out_k, in_n, *kernel)
+    else:
+        k = 1
+        for size in kernel:
+            k *= size
+        built.update(lokr_w2_a=(out_k, rank), lokr_w2_b=(rank, in_n * k))
+    return built
+
+
+def _lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """lycoris/functional/general.py `factorization`: two factors of `dimension`, the smaller first:
+    with factor > 0 dividing it, (factor, dimension / factor); otherwise the divisor pair nearest the
+    square root whose smaller part is at most `factor` (any, for -1)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    factor = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
 
 
 def _rank_alpha(config, path: str) -> tuple[int, float]:
@@ -155,9 +239,24 @@ def export(adapter_dir: Path, pipe) -> list[ExportReport]:
 
     path = Path(adapter_dir) / LYCORIS_EXPORT
     tmp = path.with_name(path.name + ".partial")
-    save_file(kohya_state_dict(pipe.unet), str(tmp), metadata={"ss_network_module": "lycoris.kohya"})
+    state = kohya_state_dict(pipe.unet)
+    save_file(state, str(tmp), metadata={"ss_network_module": "lycoris.kohya"})
     tmp.replace(path)
-    return [check_export(path, pipe)]
+    report = check_export(path, pipe)
+    report.clients = client_checks(state, pipe)
+    return [report]
+
+
+def client_checks(state: dict, pipe) -> list[dict]:
+    """ComfyUI's and AUTOMATIC1111's own LoHa/LoKr rules on the file, outputs on the live model; kohya's
+    networks/lora.py reads LoRA only (its tools take LyCORIS files through lycoris.kohya, checked above)."""
+    from studio.adapters import clients
+    from studio.adapters.lora import client_layout
+
+    note = {clients.KOHYA: "networks/lora.py reads lora_down/lora_up only; kohya's tools load this file "
+                           "through LyCORIS (network_module lycoris.kohya), which the lycoris-lora check reads"}
+    return clients.client_checks(state, client_layout(pipe),
+                                 {clients.COMFYUI: True, clients.A1111: True, clients.KOHYA: False}, note)
 
 
 def check_export(path: Path, pipe) -> ExportReport:
@@ -176,17 +275,19 @@ def check_export(path: Path, pipe) -> ExportReport:
     ours = set(kohya_state_dict(pipe.unet))  # what the studio's adapter needs the file to hold
     report.missing_keys = sorted(ours - set(weights))
     report.unexpected_keys = sorted(set(weights) - ours)
-    reference = _base_unet_copy(pipe.unet)
-    # The loader finds modules by the names the file uses; on SDXL those are LDM names, which a diffusers
-    # UNet lacks, so it is given a view of the same layers under their LDM names.
-    named = _ldm_view(reference) if _is_sdxl(reference) else reference
+    # The loader finds modules by the names the file uses. It is given a view of the studio's own base
+    # layers (the Linear/Conv2d inside each peft layer, nothing copied) under those names: diffusers'
+    # paths for SD 1.x/2.x, LDM paths for SDXL. It wraps them in LyCORIS modules without hooking them
+    # (no apply_to), so the UNet itself runs as before.
+    named, paths = _layer_view(pipe.unet)
     try:
         with _no_timestep_embedding_target():
             network, _ = create_network_from_weights(1.0, str(path), None, None, named, weights_sd=weights)
-        network.apply_to(None, named, apply_text_encoder=False, apply_unet=True)
     except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
         report.note = f"the LyCORIS loader could not read the file ({exc.__class__.__name__}: {exc})."
         return report
+    for module in network.unet_loras:  # what apply_to does, but for hooking the layers' forward
+        network.add_module(module.lora_name, module)
     loaded = network.load_state_dict(weights, strict=False)
     built = {f"{lora.lora_name}.{k}" for lora in network.unet_loras for k in lora.state_dict()}
     report.missing_keys = sorted(set(report.missing_keys) | (built - set(weights))
@@ -195,8 +296,62 @@ def check_export(path: Path, pipe) -> ExportReport:
     if not network.unet_loras:
         report.note = "the LyCORIS loader recognised no module in the file."
         return report
-    report.max_abs_diff = _compare(pipe.unet, reference)
+    report.max_abs_diff = _compare_layers(pipe.unet, network, paths)
     return report
+
+
+def _compare_layers(unet, network, paths: dict[str, str]) -> float:
+    """Each LyCORIS module the loader built (base layer + its update, multiplier 1) against the studio's
+    peft layer with adapter 'default', on one random input per layer (studio.adapters.probe)."""
+    from studio.adapters import probe
+
+    layers = dict(unet.named_modules())
+    pairs = []
+    for module in network.unet_loras:
+        module.eval()  # no module dropout
+        if module.lora_name not in paths:
+            continue  # reported as unexpected: no layer of the studio's UNet has that name
+        ours = layers[paths[module.lora_name]]
+
+        def studio(x, layer=ours):
+            with probe.only_adapter(layer, "default"):
+                return layer(x)
+        pairs.append((module.lora_name, studio, module.forward, [ours, module]))
+    diff, worst = probe.max_output_diff(pairs)
+    log.info("LyCORIS check: largest layer differences %s", worst)
+    return diff
+
+
+def _layer_view(unet) -> tuple[torch.nn.Module, dict[str, str]]:
+    """A module tree holding the UNet's own base Linear/Conv2d layers (the same objects, nothing
+    copied) at the paths a kohya/LyCORIS file names them by, e.g. `down_blocks.0...attn1.to_q` (SD 1.x)
+    or `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL); and {kohya module name: the UNet's
+    path of the (peft) layer}."""
+    from studio.adapters import probe
+
+    sdxl, root, paths = _is_sdxl(unet), torch.nn.Module(), {}
+    for path, module in unet.named_modules():
+        path = path.removesuffix(".base_layer")
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or _inside_adapter(path):
+            continue
+        try:
+            name = ldm_module_name(path, unet.config) if sdxl else path
+        except ValueError:  # a layer with no LDM name carries no weights in an SDXL file
+            continue
+        *parents, leaf = name.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.add_module(leaf, probe.base_layer(module))
+        paths[kohya_module_name(path, unet)] = path
+    return root, paths
+
+
+def _inside_adapter(path: str) -> bool:
+    """A layer that belongs to a peft adapter (lora_A.default, ...), not to the model."""
+    return any(part.startswith(("lora_", "hada_", "lokr_")) for part in path.split("."))
 
 
 @contextmanager
@@ -226,30 +381,9 @@ def _is_sdxl(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def _ldm_view(unet) -> torch.nn.Module:
-    """A module tree holding the UNet's own Linear/Conv layers (the same objects, nothing copied) at
-    their LDM paths, e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`. An adapter the loader
-    attaches to a layer of the view acts when the UNet itself runs."""
-    root = torch.nn.Module()
-    for path, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        try:
-            ldm = ldm_module_name(path, unet.config)
-        except ValueError:  # a layer with no LDM name carries no weights in an SDXL file
-            continue
-        *parents, leaf = ldm.split(".")
-        node = root
-        for part in parents:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
-        node.add_module(leaf, module)
-    return root
-
-
 def _base_unet_copy(unet):
-    """A fresh UNet with the base weights only: the adapter's wrappers taken off, nothing shared."""
+    """A fresh UNet with the base weights only: the adapter's wrappers taken off, nothing shared.
+    (Tests measure an adapter's whole effect with it; the export check never copies the UNet.)"""
     from diffusers import UNet2DConditionModel
 
     fresh = UNet2DConditionModel.from_config(unet.config)
