@@ -40,7 +40,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         with gr.Row():
             model_box = gr.Textbox(value=studio.default_model, label="Base model", scale=3, elem_id="model-box",
                                    info="a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-                                        "a local diffusers folder, or 'builtin' (the pocket model: 64-px shapes)")
+                                        "a local diffusers folder, a .safetensors checkpoint file (SD 1.x, 2.x "
+                                        "or SDXL), or 'builtin' (the pocket model: 64-px shapes)")
             gr.Markdown(studio.model_notice or "")
         with gr.Tabs() as tabs:
             with gr.Tab("Dataset", id="dataset"):

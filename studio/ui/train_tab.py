@@ -25,6 +25,7 @@ MORE = {
     "max_grad_norm": "Gradient clip norm",
     "prior_preservation": "Prior preservation (DreamBooth)", "prior_loss_weight": "Prior loss weight",
     "class_prompt": "Class prompt", "num_class_images": "Class images", "class_data_dir": "Own class images folder",
+    "vae": "VAE instead of the model's own (.safetensors file or diffusers folder)",
     "class_image_steps": "Steps per class image", "fit_memory": "Fit GPU memory (probe two steps first)",
 }
 INT_FIELDS = {name for name in {**FORM, **MORE} if field_kind(name)[0] is int}
