@@ -194,6 +194,24 @@ def _start(studio: Studio, model, data: dict):
     return str(out), "Evaluation started: loading the models…"
 
 
+def _running_line(folder: str, history) -> str:
+    """Where a running evaluation is: its newest phase (loading, embedding, scoring, the report) or image
+    count with an ETA, and the estimate it was given."""
+    now = None
+    for event in reversed(history):
+        if event.kind == "phase" or (event.kind == "progress" and event.total):
+            now = event
+            break
+    estimate = next((e for e in reversed(history) if e.kind == "estimate"), None)
+    if now is None:
+        text = "Loading models…"
+    elif now.kind == "phase":
+        text = now.message
+    else:
+        text = _progress_line(folder, now)
+    return text + (f"\n\n{estimate.message}" if estimate is not None else "")
+
+
 def _progress_line(folder: str, progress) -> str:
     """'Generating 12/108: prompt · ETA 2 min', the rate measured from the first image on (model loading
     is not counted); after the last image, the phase that follows."""
@@ -202,7 +220,9 @@ def _progress_line(folder: str, progress) -> str:
     now = time.monotonic()
     first = _FIRST_IMAGE.setdefault(folder, (now, progress.done))
     line = f"Generating {progress.done + 1}/{progress.total}: {progress.message}"
-    if progress.done > first[1]:
+    if getattr(progress, "eta_s", None) is not None:  # the evaluation's own clock
+        line += f" · ETA {_duration(progress.eta_s)}"
+    elif progress.done > first[1]:
         rate = (now - first[0]) / (progress.done - first[1])
         line += f" · {rate:.1f} s/image · ETA {_duration(rate * (progress.total - progress.done))}"
     return line
@@ -242,9 +262,7 @@ def _view(studio: Studio, folder, drawn=None):
         if job is not None and job.kind == "evaluate" and job.status == "queued":
             return [f"Waiting for the accelerator: {studio.jobs.position(job)} job(s) ahead (other sessions' work)."] \
                 + keep[1:]
-        progress = next((e for e in reversed(history) if isinstance(e, ev.Progress) and e.total), None)
-        text = _progress_line(str(folder), progress) if progress else "Loading models…"
-        return [text] + keep[1:]
+        return [_running_line(str(folder), history)] + keep[1:]
     from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results, read_settings
     from studio.evaluate.report import GRID_PNG, references_for
 

@@ -237,44 +237,64 @@ def run_view(studio: Studio, run_id: str | None):
 
 
 def _status_line(studio: Studio, run_id, steps, finished, history) -> str:
-    from studio import events as ev
-
     job = studio.jobs.current()
     if finished is not None:
         return f"**{run_id}** — {finished.status}: {finished.message}"
     if job is not None and job.label == run_id and job.status == "queued":
         ahead = studio.jobs.position(job)
         return f"**{run_id}** — waiting for the accelerator: {ahead} job(s) ahead of it (other sessions' work)."
+    live = job is not None and job.label == run_id and job.running
     if not steps:
-        notes = [e.message for e in history if isinstance(e, ev.Progress) and e.message]
-        live = job is not None and job.label == run_id and job.running
         if live and job.job_id in _CANCELLING:
             return f"**{run_id}** — cancelling: it stops before its first step and saves the adapter as it is…"
         state = "loading the model and caching latents…" if live else "stopped before its first step."
         if job is not None and job.label == run_id and job.status == "failed":
             state = f"failed: {job.message}"
-        return f"**{run_id}** — {state} " + (notes[-1] if notes else "")  # the newest note says what it does now
+        now = _newest_note(history) if live else ""
+        return f"**{run_id}** — " + (now or state)
     last = steps[-1]
     rate = last.elapsed_s / last.step
     eta = rate * (last.total_steps - last.step)
-    live = job is not None and job.label == run_id and job.running
     state = "running" if live else "interrupted (the process stopped before it finished)"
     line = (f"**{run_id}** — {state} · step **{last.step}/{last.total_steps}** · loss {last.loss:.4f} · "
-            f"{rate:.2f} s/step · ETA {eta:.0f} s")
-    if live and job.job_id in _CANCELLING:
+            f"{rate:.2f} s/step · ETA {_duration(eta)}")
+    if not live:
+        return line
+    if job.job_id in _CANCELLING:
         return line + " · cancelling after this step, then saving the adapter so far…"
-    return line + (f" · {phase}" if live and (phase := _phase(history, last)) else "")
+    estimate = _newest(history, "estimate")
+    if last.step < last.total_steps:
+        now = _newest_note(history, after=last)
+        return line + (f" · {now}" if now else "") + (f"\n\n{estimate.message}" if estimate else "")
+    return line + f" · {_newest_note(history, after=last) or _AFTER_LOOP}"
 
 
-def _phase(history, last) -> str:
-    """What the run does after its last step: the newest note since that step, or, after the loop's
-    last step, the work that follows it (saving, exporting and checking files, a final sample)."""
+# Said after the loop's last step until the run names its phase (saving, exporting, a final sample).
+_AFTER_LOOP = "saving the adapter, exporting and checking its files, drawing the final sample…"
+
+
+def _newest(history, kind: str, after=None):
+    """The newest event of a kind (after the event `after`, when given)."""
+    for event in reversed(history):
+        if event is after:
+            return None
+        if event.kind == kind:
+            return event
+    return None
+
+
+def _newest_note(history, after=None) -> str:
+    """What the run does now, in words: its newest phase or progress note (after `after`, when given)."""
     from studio import events as ev
 
-    later = history[history.index(last) + 1:]
-    notes = [e.message for e in later if isinstance(e, ev.Progress) and e.message]
-    if notes:
-        return notes[-1]
-    if last.step >= last.total_steps:
-        return "saving the adapter, exporting and checking its files, drawing the final samples…"
+    describe = getattr(ev, "describe", None)
+    for event in reversed(history):
+        if event is after:
+            return ""
+        if event.kind in ("phase", "progress") and event.message:
+            return describe(event) if describe else event.message
     return ""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
