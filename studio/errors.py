@@ -23,8 +23,8 @@ def disk_full(exc: BaseException, folder: Path | None = None) -> bool:
     """Whether `exc` (or what caused it) is a write that failed for want of space.
 
     safetensors reports it as a SafetensorError whose text holds the OS error ("os error 28"), torch.save
-    as a RuntimeError ("file write failed") that names no cause: for those, the free space of `folder`
-    decides (under 1 MiB left).
+    as a RuntimeError that names no cause ("unexpected pos 640 vs 534"): for those, the free space of
+    `folder` decides (under 1 MiB left).
     """
     seen = exc
     while seen is not None:
@@ -33,7 +33,7 @@ def disk_full(exc: BaseException, folder: Path | None = None) -> bool:
         if any(text in str(seen) for text in _FULL_TEXTS):
             return True
         seen = seen.__cause__ or seen.__context__
-    if folder is not None and isinstance(exc, (OSError, RuntimeError)) and "write" in str(exc).lower():
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
         try:
             return shutil.disk_usage(folder).free < 1 << 20
         except OSError:

@@ -138,6 +138,8 @@ class Studio:
             values["dataset"] = str(self.dataset_folder(values["dataset"]))
         if values.get("class_data_dir"):
             values["class_data_dir"] = str(self.user_folder(values["class_data_dir"], "the class image folder"))
+        if values.get("vae"):
+            values["vae"] = self.user_model(values["vae"], "the VAE")
         if values.get("extra_datasets"):
             values["extra_datasets"] = [str(self.dataset_folder(d)) for d in values["extra_datasets"]]
         return values
