@@ -113,20 +113,45 @@ def split_choices(model: str, choices: list[AdapterChoice]) -> tuple[str, list[A
     return (on[0] if on else model), rest
 
 
-def choose_base(model: str, vae: str, choices: list[AdapterChoice]) -> tuple[str, str]:
-    """(base model, VAE) to draw with: as named, or when `model` is empty the base and VAE the first
-    chosen run was trained on (its adapter.yaml), so a run reopens on the model it learned from."""
-    if (model or "").strip():
-        return model, vae
+def _run_metas(choices: list[AdapterChoice]) -> list:
+    """adapter.yaml of each chosen run or adapter folder (files from other tools have none)."""
+    metas = []
     for choice in choices:
         if is_file_choice(choice):
             continue
         try:
-            meta = adapters.read_meta(adapters.find_adapter_dir(Path(choice.path)))
+            metas.append(adapters.read_meta(adapters.find_adapter_dir(Path(choice.path))))
         except StudioError:
             continue  # loading the adapter says what is wrong with it
-        return meta.base_model, vae or meta.vae
+    return metas
+
+
+def choose_base(model: str, vae: str, choices: list[AdapterChoice]) -> tuple[str, str]:
+    """(base model, VAE) to draw with: as named, or when `model` is empty the base and VAE the first
+    chosen run was trained on (its adapter.yaml), so a run reopens on the model it learned from. A
+    model named that is the run's own base also gets the run's VAE when none is named."""
+    metas = _run_metas(choices)
+    if not (model or "").strip():
+        return (metas[0].base_model, vae or metas[0].vae) if metas else (model, vae)
+    for meta in metas:
+        if not vae and meta.vae and _same_model(model, meta.base_model):
+            return model, meta.vae
     return model, vae
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def recorded_base(paths: list[str]) -> tuple[str, str] | None:
+    """(base model, VAE) of the first of these runs trained on a single-file checkpoint, or None: what a
+    tab shows as the base model when such a run is picked."""
+    for meta in _run_metas([AdapterChoice(p) for p in paths if p]):
+        if meta.base_hash:
+            return meta.base_model, meta.vae
+    return None
 
 
 def check_recorded_bases(model: str, choices: list[AdapterChoice]) -> None:

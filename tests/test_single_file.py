@@ -478,7 +478,7 @@ def test_playground_and_generate_reopen_the_run_base_and_vae(file_run, tmp_path)
     import numpy as np
 
     from studio.__main__ import main
-    from studio.generate import AdapterChoice, GenerateRequest, Playground
+    from studio.generate import AdapterChoice, GenerateRequest, Playground, recorded_base
 
     run, path, vae = file_run
     playground = Playground()
@@ -487,9 +487,15 @@ def test_playground_and_generate_reopen_the_run_base_and_vae(file_run, tmp_path)
     named = playground.generate(GenerateRequest("a photo of sks stuffed animal", str(path), [AdapterChoice(str(run))],
                                                 steps=2, vae=str(vae)))
     assert np.array_equal(np.asarray(implicit), np.asarray(named))
-    other_vae = playground.generate(GenerateRequest("a photo of sks stuffed animal", str(path),
+    same_file = playground.generate(GenerateRequest("a photo of sks stuffed animal", str(path),
                                                     [AdapterChoice(str(run))], steps=2))
-    assert not np.array_equal(np.asarray(implicit), np.asarray(other_vae))  # the embedded VAE draws otherwise
+    assert np.array_equal(np.asarray(implicit), np.asarray(same_file))  # the run's own file brings its VAE
+    torch.manual_seed(9)
+    _vae().save_pretrained(tmp_path / "another-vae")
+    other_vae = playground.generate(GenerateRequest("a photo of sks stuffed animal", str(path),
+                                                    [AdapterChoice(str(run))], steps=2, vae=str(tmp_path / "another-vae")))
+    assert not np.array_equal(np.asarray(implicit), np.asarray(other_vae))  # a VAE named wins
+    assert recorded_base([str(run), ""]) == (str(path.resolve()), str(vae.resolve()))
     assert main(["generate", "--adapter", str(run), "--prompt", "a photo of sks stuffed animal", "--steps", "2",
                  "--out", str(tmp_path / "out.png")]) == 0
     from PIL import Image
