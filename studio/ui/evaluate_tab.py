@@ -94,6 +94,9 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     timer.tick(lambda f, d: _tick(studio, f, d), [folder, drawn], [*view, timer], show_progress="hidden")
     refresh.click(lambda: (gr.update(choices=studio.workspace.list_runs()),
                            gr.update(choices=studio.workspace.list_datasets())), None, [runs, dataset])
+    # A run trained on a checkpoint file reopens on it: picking one shows that file as the base model.
+    runs.change(lambda picked, current: _recorded_base(studio, picked, current), [runs, model_box], [model_box],
+                show_progress="hidden")
 
     def restore(values, shown):
         values = values or _settings_form(shown)
@@ -152,6 +155,15 @@ def latest_folder(studio: Studio) -> str | None:
     return str(folders[-1].parent) if folders else None
 
 
+def _recorded_base(studio: Studio, picked, current: str):
+    """The model box set to the checkpoint file the first picked run was trained on (unchanged otherwise)."""
+    from studio.generate import recorded_base
+
+    known = set(studio.workspace.list_runs())
+    found = recorded_base([str(studio.workspace.run(r).root) for r in picked or [] if r in known])
+    return gr.update(value=found[0]) if found and found[0] != current else gr.update()
+
+
 def _start(studio: Studio, model, data: dict):
     from pathlib import Path
 
@@ -190,8 +202,20 @@ def _start(studio: Studio, model, data: dict):
             shutil.rmtree(out, ignore_errors=True)
         return result
 
+    told = _size(cfg)
     studio.jobs.start("evaluate", out.name, out, work)
-    return str(out), "Evaluation started: loading the models…"
+    return str(out), f"Evaluation started{told}: loading the models; the time per image is measured on the first ones…"
+
+
+def _size(cfg) -> str:
+    """' — 108 images (3 points × 18 prompts × 2 seeds)', said before anything loads."""
+    from studio.evaluate import protocol
+
+    count = getattr(protocol, "count_images", None)
+    if count is None:
+        return ""
+    images, points, prompts = count(cfg)
+    return f" — {images} images ({points} points × {prompts} prompts × {cfg.seeds} seeds)"
 
 
 def _running_line(folder: str, history) -> str:
