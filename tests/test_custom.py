@@ -168,7 +168,10 @@ def test_the_diffusers_format_reloads_through_diffusers_and_matches(custom_run):
 
     run, seen = custom_run
     reports = checks.read_reports(run / "adapter")
-    assert [(r.file, r.format) for r in reports] == [(custom.DIFFUSERS_WEIGHTS, "diffusers-custom-diffusion")]
+    assert [(r.file, r.format) for r in reports] == [
+        (custom.DIFFUSERS_WEIGHTS, "diffusers-custom-diffusion"), (custom.DIFF_WEIGHTS, "lora-diff"),
+        (f"{custom.A1111_EMBEDDINGS}/sks.safetensors", "a1111-embedding"),
+        (f"{custom.A1111_EMBEDDINGS}/zwx.safetensors", "a1111-embedding")]
     assert all(r.ok for r in reports), [r.summary() for r in reports]
     state = load_file(str(run / "adapter" / custom.DIFFUSERS_WEIGHTS))
     assert sum(k.endswith("to_k_custom_diffusion.weight") for k in state) == len(custom.kv_weights(seen["pipe"].unet)) // 2
@@ -200,3 +203,84 @@ def test_playground_slider_interpolates_without_reloading(custom_run, monkeypatc
             PROMPT, "tiny", [AdapterChoice(str(run), scale)], seed=2, steps=3)), dtype=float))
     assert len(loads) == 1  # loaded once; every scale after that was set in place
     assert np.abs(images[1.0] - images[0.5]).mean() > 0.1 and np.abs(images[0.5] - images[0.0]).mean() > 0.1
+
+
+# ----------------------------------------------------------------------------- files for ComfyUI / A1111
+
+def _clients_unet(model_dir, diff_file, strength=1.0):
+    """The base UNet read fresh from disk with the .diff file applied as ComfyUI and A1111 apply it: each
+    key "lora_unet_<module path, '.' -> '_'>.diff" names a weight (comfy/lora.py model_lora_keys_unet),
+    and the weight becomes W + strength * diff (a "diff" patch; A1111 network_full.py, scale 1)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet").eval()
+    weights = {"lora_unet_" + name.removesuffix(".weight").replace(".", "_"): p
+               for name, p in unet.named_parameters() if name.endswith(".weight")}
+    with torch.no_grad():
+        for key, diff in load_file(str(diff_file)).items():
+            stem, part = key.split(".")
+            assert part == "diff" and weights[stem].shape == diff.shape, key
+            weights[stem] += strength * diff
+    return unet
+
+
+def _unet_output(unet):
+    g = torch.Generator().manual_seed(3)
+    c = unet.config
+    with torch.no_grad():
+        return unet(torch.randn(1, c.in_channels, 8, 8, generator=g), torch.tensor([400]),
+                    encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, generator=g)).sample
+
+
+def test_the_diff_file_applied_by_the_clients_rule_is_the_trained_unet(custom_run, tiny_model):
+    run, seen = custom_run
+    diff_file = run / "adapter" / custom.DIFF_WEIGHTS
+    keys = load_file(str(diff_file)).keys()
+    assert len(keys) == len(custom.kv_weights(seen["pipe"].unet)) and all(
+        k.endswith(("_attn2_to_k.diff", "_attn2_to_v.diff")) and k.startswith("lora_unet_") for k in keys)
+    trained = seen["pipe"].unet.eval()
+    theirs = _unet_output(_clients_unet(tiny_model, diff_file))
+    base = _unet_output(_clients_unet(tiny_model, diff_file, strength=0.0))
+    assert (theirs - _unet_output(trained)).abs().max() < 1e-5
+    assert (theirs - base).abs().max() > 1e-3  # the diff does something: the check could fail
+
+
+def test_the_studio_scale_is_the_clients_strength(custom_run, tiny_model):
+    """Half strength in ComfyUI/A1111 draws what the Playground draws at scale 0.5 (W0 + 0.5 (W1 - W0))."""
+    run, _ = custom_run
+    pipe = models.load_pipeline(models.resolve("tiny"), "cpu", torch.float32)
+    custom.load_into(pipe, run / "adapter", "custom")
+    custom.set_scale(pipe, run / "adapter", 0.5)
+    half = _unet_output(_clients_unet(tiny_model, run / "adapter" / custom.DIFF_WEIGHTS, strength=0.5))
+    assert (half - _unet_output(pipe.unet.eval())).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tamper", ["value", "name"])
+def test_a_wrong_diff_file_fails_the_check(custom_run, tmp_path, tamper):
+    from safetensors.torch import save_file
+
+    _, seen = custom_run
+    pipe = seen["pipe"]
+    state = custom.diff_state_dict(pipe.unet)
+    key = sorted(state)[0]
+    if tamper == "value":
+        state[key] = state[key] + 0.5
+    else:  # a module name no client finds
+        state[key.replace("attn2", "attn9")] = state.pop(key)
+    save_file(state, str(tmp_path / custom.DIFF_WEIGHTS))
+    report = custom.check_diff_file(tmp_path / custom.DIFF_WEIGHTS, pipe)
+    assert not report.ok
+    if tamper == "value":
+        assert report.max_abs_diff > 1e-3
+    else:
+        assert report.unexpected_keys == [key.replace("attn2", "attn9")] and report.missing_keys == [key]
+
+
+def test_a1111_embeddings_hold_each_trained_token(custom_run):
+    run, seen = custom_run
+    encoder = seen["pipe"].text_encoder
+    rows = encoder.get_input_embeddings().weight
+    for token, token_id in encoder._studio_tokens:
+        data = load_file(str(run / "adapter" / custom.A1111_EMBEDDINGS / f"{token}.safetensors"))
+        assert list(data) == ["emb_params"] and data["emb_params"].shape == (1, rows.shape[1])
+        assert torch.equal(data["emb_params"][0], rows[token_id].detach().float())

@@ -14,6 +14,14 @@ Files (adapter folder):
 - `embeddings/<token>.safetensors`: one embedding file per token, in studio.adapters.embedding's
   format ({token: vector}; SDXL: {"clip_l", "clip_g"}), which diffusers, AUTOMATIC1111 and ComfyUI read.
 
+Written by `export` for other tools (none of them reads diffusers' Custom Diffusion file):
+- `custom_diffusion_diff.safetensors`: each trained K/V weight as a full weight difference W1 - W0
+  under `lora_unet_<module>.diff`, which ComfyUI (comfy/lora.py `load_lora`: a "diff" patch, weight +=
+  strength * diff) and AUTOMATIC1111 (extensions-builtin/Lora/network_full.py) load as a LoRA file;
+  its strength there is the studio's scale (W0 + s (W1 - W0)).
+- `embeddings_a1111/<token>.safetensors`: the modifier token as an AUTOMATIC1111 embedding
+  ({"emb_params": (1, dim)}; SDXL {"clip_l", "clip_g"}), the file name being the word to type.
+
 Strength: `set_scale` interpolates the K/V weights in place, W = W0 + s (W1 - W0), so 0 gives the base
 model's K/V exactly and 1 the trained ones; the Playground's slider calls it (no reload). The tokens stay
 loaded while the adapter is; the Playground's side-by-side base image unloads everything.
@@ -54,7 +62,12 @@ def _concepts(cfg) -> list[tuple[str, str]]:
 
 
 def attach(pipe, cfg) -> None:
-    pipe.unet.requires_grad_(False)
+    from studio.adapters.lora import freeze
+
+    freeze(pipe)  # then only K/V and the new rows train
+    # The base K/V as loaded (a resumed run attaches before restoring): the export writes W1 - W0.
+    # On SD 1.5 ~19 M values, 77 MB in float32, kept on the CPU.
+    pipe.unet._studio_kv_init = {k: w.detach().to("cpu").float().clone() for k, w in kv_weights(pipe.unet).items()}
     for weight in kv_weights(pipe.unet).values():
         weight.requires_grad_(True)
     concepts = _concepts(cfg)
@@ -186,42 +199,205 @@ def diffusers_state_dict(unet) -> dict:
     return state
 
 
+DIFF_WEIGHTS = "custom_diffusion_diff.safetensors"
+DIFF_LOADER = "ComfyUI / A1111 full-weight diff rule (W + strength x diff)"
+A1111_EMBEDDINGS = "embeddings_a1111"
+
+
 def export(adapter_dir: Path, pipe) -> list:
-    """The diffusers-format file, read back by diffusers' loader into the base UNet and compared."""
+    """The diffusers-format file, the `.diff` LoRA file and the A1111 embeddings, each read back and
+    compared with the studio's trained model (none of the checks copies the UNet)."""
     from safetensors.torch import save_file
 
-    save_file(diffusers_state_dict(pipe.unet), str(Path(adapter_dir) / DIFFUSERS_WEIGHTS))
-    return [check_diffusers_file(Path(adapter_dir) / DIFFUSERS_WEIGHTS, pipe)]
+    adapter_dir = Path(adapter_dir)
+    save_file(diffusers_state_dict(pipe.unet), str(adapter_dir / DIFFUSERS_WEIGHTS))
+    reports = [check_diffusers_file(adapter_dir / DIFFUSERS_WEIGHTS, pipe)]
+    save_file(diff_state_dict(pipe.unet), str(adapter_dir / DIFF_WEIGHTS))
+    reports.append(check_diff_file(adapter_dir / DIFF_WEIGHTS, pipe))
+    (adapter_dir / A1111_EMBEDDINGS).mkdir(exist_ok=True)
+    for index in range(len(pipe.text_encoder._studio_tokens)):
+        token, contents = _embedding_file(pipe, index)
+        if len(contents) == 1:  # SD 1.x/2.x: {token: vector} -> A1111's {"emb_params": (vectors, dim)}
+            contents = {"emb_params": contents[token].unsqueeze(0)}
+        file = adapter_dir / A1111_EMBEDDINGS / f"{token}.safetensors"
+        save_file(contents, str(file))
+        reports.append(check_a1111_embedding(file, pipe, index))
+    return reports
+
+
+def base_kv(unet) -> dict:
+    """The base model's K/V weights {key: W0}, as loaded before training (kept by attach)."""
+    base = getattr(unet, "_studio_kv_init", None)
+    if base is None:
+        raise StudioError("The base model's K/V weights were not kept, so no .diff file can be written; "
+                          "export from the training run that attached the adapter.")
+    return base
+
+
+def diff_state_dict(unet) -> dict:
+    """{"lora_unet_<module>.diff": W1 - W0} for every cross-attention K and V (float32, CPU). Module
+    names as the studio's kohya LoRA files use (lora.kohya_module_name: diffusers layout on SD 1.x/2.x,
+    LDM layout on SDXL)."""
+    from studio.adapters.lora import kohya_module_name
+
+    base = base_kv(unet)
+    out = {}
+    for key, weight in kv_weights(unet).items():
+        module = key.removesuffix(".weight")
+        out[f"{kohya_module_name(module, unet)}.diff"] = (weight.detach().to("cpu").float() - base[key]).contiguous()
+    return out
+
+
+def client_module_names(unet) -> dict[str, str]:
+    """{kohya module name: UNet module path} for every Linear/Conv2d of the UNet, by the clients' rule:
+    ComfyUI's comfy/lora.py `model_lora_keys_unet` names each weight "lora_unet_" + its diffusers path
+    with '.' -> '_' (SD 1.x/2.x; comfy/utils.py `unet_to_diffusers` gives the path) or its LDM path
+    (SDXL, `input_blocks_4_1_...`); AUTOMATIC1111's Lora extension (networks.py
+    `convert_diffusers_name_to_compvis`) reads the same diffusers names."""
+    import torch
+
+    from studio.adapters.lora import ldm_module_name
+
+    sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    names = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            try:
+                name = ldm_module_name(path, unet.config) if sdxl else path
+            except ValueError:
+                continue
+            names["lora_unet_" + name.replace(".", "_")] = path
+    return names
+
+
+def check_diff_file(path: Path, pipe):
+    """Apply the `.diff` file by the clients' rule to the base K/V (strength 1) and compare each patched
+    layer's output with the studio's trained layer on a random input (float32).
+
+    Keys: each must name a real UNet weight of the same shape (ComfyUI skips a diff whose shape differs
+    from the weight's; A1111 fails); every trained K/V needs one.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.adapters import probe
+    from studio.adapters.checks import ExportReport
+
+    report = ExportReport(Path(path).name, "lora-diff", DIFF_LOADER)
+    unet = pipe.unet
+    file = load_file(str(path))
+    names, layers, base = client_module_names(unet), dict(unet.named_modules()), base_kv(unet)
+    trained = {key.removesuffix(".weight") for key in kv_weights(unet)}
+    placed, pairs = set(), []
+    for key, diff in file.items():
+        stem, _, part = key.partition(".")
+        module = names.get(stem)
+        layer = layers.get(module) if module else None
+        if part != "diff" or layer is None or tuple(layer.weight.shape) != tuple(diff.shape):
+            report.unexpected_keys.append(key)
+            continue
+        if module not in trained:  # a diff for a layer Custom Diffusion never trains
+            report.unexpected_keys.append(key)
+            continue
+        placed.add(module)
+        patched = base[f"{module}.weight"] + 1.0 * diff.float()  # W0 + strength * diff, strength 1
+        bias = layer.bias
+        pairs.append((stem, layer, lambda x, w=patched, b=bias: torch.nn.functional.linear(
+            x, w.to(x.device), None if b is None else b.float()), [layer]))
+    report.missing_keys = sorted(f"{_client_name(m, names)}.diff" for m in trained - placed)
+    report.max_abs_diff, _ = probe.max_output_diff(pairs) if pairs else (None, {})
+    return report
+
+
+def _client_name(module: str, names: dict[str, str]) -> str:
+    return next((n for n, m in names.items() if m == module), module)
+
+
+def check_a1111_embedding(path: Path, pipe, index: int):
+    """The A1111 file read by A1111's rule (textual_inversion.py: a one-tensor dict is the embedding,
+    SDXL's holds clip_l and clip_g) against the trained row(s) of the index-th token."""
+    from safetensors.torch import load_file
+
+    from studio.adapters.checks import ExportReport
+
+    report = ExportReport(f"{A1111_EMBEDDINGS}/{Path(path).name}", "a1111-embedding",
+                          "A1111 textual_inversion rule (one-tensor dict; SDXL clip_l / clip_g)")
+    data = load_file(str(path))
+    token, want = _embedding_file(pipe, index)
+    if Path(path).stem != token:
+        report.note = f"the file name must be the token '{token}' (A1111 takes the word from it)."
+        return report
+    if len(want) == 1:
+        if len(data) != 1:
+            report.unexpected_keys = sorted(data)
+            return report
+        (vectors,) = data.values()
+        report.max_abs_diff = float((vectors.reshape(-1) - want[token]).abs().max())
+        return report
+    report.missing_keys = sorted(set(want) - set(data))
+    report.unexpected_keys = sorted(set(data) - set(want))
+    if not report.missing_keys and not report.unexpected_keys:
+        report.max_abs_diff = max(float((data[k] - want[k]).abs().max()) for k in want)
+    return report
 
 
 def check_diffusers_file(path: Path, pipe):
-    """Load `path` into a fresh copy of the base UNet through diffusers; compare its output with ours."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """Load `path` with diffusers' own loader onto the studio's UNet and compare every cross-attention
+    layer's output under the loaded processor with its output under the studio's, on random inputs.
 
+    No copy of the UNet: diffusers' Custom Diffusion processors hold their own K/V layers (to_k/
+    to_v_custom_diffusion, read from the file), and the UNet's processors are restored afterwards.
+    """
+    import torch
+
+    from studio.adapters import probe
     from studio.adapters.checks import ExportReport
-    from studio.adapters.lora import _fixed_unet_input
 
     report = ExportReport(path.name, "diffusers-custom-diffusion", DIFFUSERS_LOADER)
-    source = pipe.config._name_or_path
-    try:
-        fresh = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
-    except OSError:
-        report.note = f"the base model '{source}' could not be read again to compare with."
-        return report
-    fresh = fresh.to(pipe.unet.device, torch.float32).eval()
+    unet = pipe.unet
+    saved = unet.attn_processors
     try:  # `_pipeline`: without it this diffusers version loads the file but never installs the processors
-        fresh.load_attn_procs(str(path.parent), weight_name=path.name, _pipeline=pipe)
+        unet.load_attn_procs(str(path.parent), weight_name=path.name, _pipeline=pipe)
+        loaded = unet.attn_processors
     except (ValueError, KeyError, RuntimeError) as exc:
         report.note = f"the loader refused it ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})."
+        unet.set_attn_processor(dict(saved))  # it pops what it sets
         return report
-    inputs = _fixed_unet_input(fresh)  # with SDXL's pooled text and size conditioning where it takes them
-    if pipe.unet.dtype != torch.float32:
-        report.note = "the trained UNet is not in full precision here, so outputs were not compared."
-        return report
-    was_training = pipe.unet.training
-    pipe.unet.eval()
-    with torch.no_grad():
-        report.max_abs_diff = (fresh(**inputs).sample - pipe.unet(**inputs).sample).abs().max().item()
-    pipe.unet.train(was_training)
+    unet.set_attn_processor(dict(saved))  # it pops what it sets
+    layers = dict(unet.named_modules())
+    pairs = []
+    for key in kv_weights(unet):
+        if not key.endswith("to_k.weight"):
+            continue
+        module = key.removesuffix(".to_k.weight")
+        attn, processor = layers[module], loaded.get(f"{module}.processor")
+        if not hasattr(processor, "to_k_custom_diffusion"):
+            report.missing_keys.append(f"{module}.processor.to_k_custom_diffusion.weight")
+            continue
+        pairs.append((module, _attention_with(attn, saved[f"{module}.processor"]), _attention_with(attn, processor),
+                      [attn, processor], _attention_input(attn)))
+    report.max_abs_diff, _ = probe.max_output_diff(pairs) if pairs else (None, {})
     return report
+
+
+def _attention_with(attn, processor):
+    """attn(hidden states, text states) computed with `processor`, the attention's own put back after."""
+    def forward(inputs):
+        own = attn.processor
+        attn.set_processor(processor)  # set_processor: a Module processor is a registered child
+        try:
+            return attn(inputs[0], encoder_hidden_states=inputs[1])
+        finally:
+            attn.set_processor(own)
+    return forward
+
+
+def _attention_input(attn):
+    """Random (hidden states (1, 6, query dim), text states (1, 5, cross-attention dim)) for `attn`."""
+    import torch
+
+    def make(g):
+        device = attn.to_q.weight.device
+        return (torch.randn(1, 6, attn.to_q.in_features, generator=g).to(device),
+                torch.randn(1, 5, attn.to_k.in_features, generator=g).to(device))
+    return make
