@@ -6,6 +6,7 @@ function and formats its result.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gradio as gr
@@ -92,11 +93,12 @@ def build(studio: Studio, default_resolution: int) -> dict:
     findings = gr.State([])
 
     options = [crop, buckets, background, border, detector]
-    prepare.click(friendly(_prepare), [files, token, class_word, template, resolution, *options, audit_model],
+    # A shared studio loads detector, captioner and CLIP only by hub id, 'builtin' or the host's list.
+    prepare.click(friendly(_for(studio, _prepare)), [files, token, class_word, template, resolution, *options, audit_model],
                   [prepared, gallery, captions, problems, findings, warnings, pick])
     warnings.change(_dismiss, [findings, warnings], [findings, warnings], show_progress="hidden")
     apply_text.click(friendly(_apply_text), [captions, prefix, suffix, find, replace], [captions, problems])
-    run_captioner.click(friendly(_run_captioner), [prepared, captions, captioner, kind, remove, token, class_word],
+    run_captioner.click(friendly(_for(studio, _run_captioner)), [prepared, captions, captioner, kind, remove, token, class_word],
                         [captions, problems])
     pick.change(friendly(_show_crop), [prepared, pick], [original, preview, *box], show_progress="hidden")
     original.select(friendly(_centre_box), [prepared, pick, *box], [*box])
@@ -105,6 +107,11 @@ def build(studio: Studio, default_resolution: int) -> dict:
     save.click(friendly(lambda *a: _save_or_say(studio, *a)),
                [prepared, captions, name, token, class_word, resolution, template, *options], [saved])
     return {"saved": saved}
+
+
+def _for(studio: Studio, handler):
+    """`handler` with the studio passed in, keeping its name and signature (Gradio reads both)."""
+    return functools.update_wrapper(functools.partial(handler, studio=studio), handler)
 
 
 def _options(crop="subject", buckets=False, background="#ffffff", border="#ffffff", detector=""):
@@ -120,7 +127,7 @@ def _upload_paths(files) -> list[tuple[Path, str]]:
 
 
 def _prepare(files, token, class_word, template, resolution, crop="subject", buckets=False, background="#ffffff",
-             border="#ffffff", detector="", audit_model="", progress=gr.Progress()):
+             border="#ffffff", detector="", audit_model="", progress=gr.Progress(), studio: Studio | None = None):
     from studio import limits
     from studio.data import prep
     from studio.data.formats import pair_uploads
@@ -130,6 +137,9 @@ def _prepare(files, token, class_word, template, resolution, crop="subject", buc
     options = _options(crop, buckets, background, border, detector)
     sources = pair_uploads(_upload_paths(files))
     limits.check_import_count(len(sources))  # hundreds of photos held in the page at once: refused in one sentence
+    if studio is not None:
+        detector = studio.user_model(detector, "the detection model")
+        audit_model = studio.user_model(audit_model, "the outlier check model", ("off",))
     items, problems = prep.prepare_photos([(s.path, s.name) for s in sources], int(resolution), options,
                                           lambda i, n: progress((i, n), desc="Preparing photos"))
     given = {s.name: s.caption for s in sources}
@@ -191,11 +201,14 @@ def _apply_text(captions, prefix, suffix, find, replace):
     return rows, f"Updated {len(rows)} caption(s).{changed}"
 
 
-def _run_captioner(prepared, captions, model_id, kind, remove, token, class_word, progress=gr.Progress()):
+def _run_captioner(prepared, captions, model_id, kind, remove, token, class_word, progress=gr.Progress(),
+                   studio: Studio | None = None):
     from studio.data.prep import CaptionOptions, caption_all
 
     if not prepared:
         raise gr.Error("There are no prepared photos to caption; press Prepare first.", print_exception=False)
+    if studio is not None:
+        model_id = studio.user_model(model_id, "the captioner model")
     opts = CaptionOptions(captioner=model_id or "", captioner_kind=kind or "caption", remove_tags=remove or "")
     texts = caption_all(prepared, token, class_word, opts, lambda i, n: progress((i, n), desc="Captioning"))
     rows = _table(captions) or _rows(prepared, texts)
