@@ -49,12 +49,48 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Progress:
-    """Progress of work that is not a training step (evaluation, class images)."""
+    """Progress of work that is not a training step (evaluation, class images).
+
+    `elapsed_s` and `eta_s` are set where the work counts units of similar cost (images): the seconds
+    since it started, and the seconds the units not yet done should take at the pace so far (None
+    while there is no pace yet, or for a notice that counts nothing)."""
 
     done: int
     total: int
     message: str
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
     kind: Literal["progress"] = "progress"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long long work should take, said before most of it runs: one unit (a training step, an
+    image) was timed as a probe, and the estimate is that time times the units still to do, plus
+    `extra_s` for the phases measured apart (samples, export)."""
+
+    seconds: float  # the whole remaining work, probe-based
+    units: int  # how many units the estimate counts
+    unit: str  # what one unit is: "step", "image"
+    unit_s: float  # the probe: seconds one unit took
+    message: str
+    kind: Literal["estimate"] = "estimate"
+
+
+# What long work does besides its counted steps: each gets a name a UI can key on and a sentence to show.
+PhaseName = Literal["loading", "sampling", "exporting", "final_sample", "embedding", "report"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Long work entered a stage that no step or image counter measures (loading the model, exporting
+    and checking files, drawing the final sample, embedding images): said when it starts, so a reader
+    never sees a finished counter and silence."""
+
+    name: PhaseName
+    message: str  # e.g. "Exporting and checking files…"
+    step: int = 0  # the training step (or images done) when the phase began
+    kind: Literal["phase"] = "phase"
 
 
 @dataclass(frozen=True)
@@ -66,9 +102,9 @@ class Finished:
     kind: Literal["finished"] = "finished"
 
 
-Event = Started | Step | Sample | Checkpoint | Progress | Finished
+Event = Started | Step | Sample | Checkpoint | Progress | Estimate | Phase | Finished
 _BY_KIND = {cls.__dataclass_fields__["kind"].default: cls
-            for cls in (Started, Step, Sample, Checkpoint, Progress, Finished)}
+            for cls in (Started, Step, Sample, Checkpoint, Progress, Estimate, Phase, Finished)}
 
 
 def to_json(event: Event) -> str:
@@ -82,6 +118,31 @@ def from_json(line: str) -> Event:
         if isinstance(value, list):
             data[key] = tuple(value)
     return cls(**data)
+
+
+def describe(event: Event) -> str | None:
+    """The line a person reads for an estimate, a phase or a timed progress event (the CLI prints it, the UI
+    shows it); None for events drawn otherwise (steps, samples)."""
+    if isinstance(event, Estimate):
+        return event.message
+    if isinstance(event, Phase):
+        return event.message
+    if isinstance(event, Progress):
+        if event.total and event.eta_s is not None:
+            return (f"{event.done}/{event.total} · {clock(event.elapsed_s)} elapsed · about {clock(event.eta_s)} "
+                    f"left · {event.message}")
+        return event.message
+    return None
+
+
+def clock(seconds: float) -> str:
+    """Seconds as a person reads a duration: '45 s', '3 min 05 s', '1 h 02 min'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def read_events(path: Path) -> list[Event]:
