@@ -184,8 +184,8 @@ def cmd_train(args) -> int:
                       f"{rate:.2f}s/step  eta {eta:.0f}s", flush=True)
         elif isinstance(event, (events.Sample, events.Checkpoint)):
             print(f"{event.kind} at step {event.step}: {getattr(event, 'images', None) or event.path}", flush=True)
-        elif isinstance(event, events.Progress):
-            print(event.message, flush=True)
+        elif isinstance(event, (events.Progress, events.Estimate, events.Phase)):
+            print(events.describe(event), flush=True)
 
     if args.resume is None:
         cfg = build_config(args.preset, values, args.overrides)  # every setting checked before any import of torch
@@ -254,13 +254,15 @@ def cmd_evaluate(args) -> int:
         last = {"pct": -1}
 
         def show(event) -> None:
+            from studio import events
+
             if event.kind == "progress" and event.total:
                 pct = 100 * event.done // event.total
                 if pct // 10 != last["pct"] // 10:
-                    print(f"{pct}%  {event.message}", flush=True)
+                    print(f"{pct}%  {events.describe(event)}", flush=True)
                     last["pct"] = pct
-            elif event.kind == "progress":
-                print(event.message, flush=True)
+            elif event.kind in ("progress", "estimate", "phase"):
+                print(events.describe(event), flush=True)
 
         result = evaluate(cfg, args.out, on_event=show)
     if result.status != "completed":
