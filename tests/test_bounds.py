@@ -107,6 +107,22 @@ def test_settings_are_checked_before_the_model_loads(dataset_dir, tmp_path, monk
     assert not any(tmp_path.glob("run-*/config.yaml"))  # nothing was written either
 
 
+def test_cancel_while_loading_ends_at_once_with_nothing_to_export(dataset_dir, tiny_model, tmp_path):
+    asked = []
+
+    def should_stop():  # pressed while the model loads: every check from the first one on sees it
+        asked.append(time.monotonic())
+        return True
+
+    cfg = build_config(values={**SETTINGS, "dataset": str(dataset_dir), "steps": 5})
+    result = train.run(cfg, tmp_path / "run", should_stop=should_stop)
+    assert (result.status, result.step, result.adapter_dir) == ("cancelled", 0, None) and asked
+    assert result.message == "Stopped before training step 1; nothing new was trained."
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    finished = [e for e in events.read_events(tmp_path / "run" / "events.jsonl") if isinstance(e, events.Finished)]
+    assert [(e.status, e.step) for e in finished] == [("cancelled", 0)]
+
+
 def test_a_hub_id_offline_fails_at_once_in_one_sentence(dataset_dir, tmp_path):
     """Without HF_HUB_OFFLINE (the hub simply unreachable, as on this machine), no hub retries."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
