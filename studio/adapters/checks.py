@@ -25,15 +25,27 @@ class ExportReport:
     max_abs_diff: float | None = None  # UNet output, loader's copy vs the studio's, same input and scale
     tolerance: float = 1e-4
     note: str = ""  # why a check could not run, in one sentence
+    # The file through each client's own rules (studio.adapters.clients): ComfyUI, AUTOMATIC1111, kohya,
+    # with matched/total keys, the output against the studio's and whether the studio recommends the file
+    # for that client. Every recommended client must apply it exactly for the report to be ok.
+    clients: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (not self.missing_keys and not self.unexpected_keys and self.max_abs_diff is not None
-                and self.max_abs_diff <= self.tolerance)
+                and self.max_abs_diff <= self.tolerance
+                and all(c["exact"] for c in self.clients if c["recommended"]))
+
+    def clients_summary(self) -> str:
+        from studio.adapters.clients import summary
+
+        return "; ".join(summary(c) for c in self.clients)
 
     def summary(self) -> str:
+        clients = f" Clients: {self.clients_summary()}." if self.clients else ""
         if self.ok:
-            return f"{self.file} ({self.format}) reloads through {self.loader}: same output (max diff {self.max_abs_diff:.1e})."
+            return (f"{self.file} ({self.format}) reloads through {self.loader}: same output "
+                    f"(max diff {self.max_abs_diff:.1e}).{clients}")
         if self.note:
             return f"{self.file} ({self.format}) was not verified: {self.note}"
         parts = []
@@ -41,7 +53,8 @@ class ExportReport:
             parts.append(f"{len(self.missing_keys)} missing and {len(self.unexpected_keys)} unexpected keys")
         if self.max_abs_diff is not None and self.max_abs_diff > self.tolerance:
             parts.append(f"output differs by up to {self.max_abs_diff:.1e}")
-        return f"{self.file} ({self.format}) does not round-trip through {self.loader}: {', '.join(parts)}."
+        parts += [f"{c['client']} does not apply it exactly" for c in self.clients if c["recommended"] and not c["exact"]]
+        return f"{self.file} ({self.format}) does not round-trip through {self.loader}: {', '.join(parts)}.{clients}"
 
 
 def write_reports(adapter_dir: Path, reports: list[ExportReport]) -> None:

@@ -250,6 +250,10 @@ def export(adapter_dir: Path, pipe) -> list:
     reports = [check_kohya_file(path, pipe.unet)]
     if adapted_text_encoders(pipe):
         reports.append(check_kohya_text(path, pipe))
+    layout = client_layout(pipe)  # ComfyUI's, A1111's and kohya's own rules, outputs on the live model
+    reports[0].clients = kohya_client_checks(state, pipe, layout)
+    if is_dora(pipe):
+        reports.append(export_dora_diff(adapter_dir, pipe, layout))
     return reports
 
 
@@ -424,3 +428,100 @@ def _fixed_unet_input(unet) -> dict:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------------------- DoRA as weight differences
+#
+# DoRA's magnitude has no convention every client shares. peft, diffusers and LyCORIS scale each output
+# row of W + ΔW to dora_scale (out, 1); AUTOMATIC1111's `apply_weight_decompose` and ComfyUI's older
+# `weight_decompose` scale each input column (1, in), and newer ComfyUI divides an (out, 1) scale by the
+# norm of W rather than of W + ΔW (studio.adapters.clients has each rule). No per-column magnitude
+# reproduces a per-row one, so for those clients the trained layers are written merged: each layer's
+# `W' - W` under `<kohya module name>.diff`, which both add to the weight as it is (comfy/lora.py
+# `load_lora` "diff", A1111 network_full.py). Exact at strength 1 (and 0); in between a client moves
+# linearly from W to W', while DoRA itself rescales W + s·ΔW.
+
+DORA_DIFF = "pytorch_lora_weights_diff.safetensors"
+DIFF_LOADER = "ComfyUI and AUTOMATIC1111 rules (studio.adapters.clients)"
+
+
+def is_dora(pipe) -> bool:
+    config = getattr(pipe.unet, "peft_config", {}).get("default")
+    return bool(getattr(config, "use_dora", False))
+
+
+def dora_merged_delta(layer, adapter: str = "default"):
+    """W' - W of one peft DoRA layer: W' = m * (W + ΔW) / ||W + ΔW|| per output row (peft's
+    DoraLinearLayer / DoraConv2dLayer), ΔW = B A * alpha / r at the adapter's scale."""
+    import torch
+
+    weight = layer.get_base_layer().weight.detach()
+    merged = weight.to(torch.float32) + layer.get_delta_weight(adapter).detach().to(weight.device, torch.float32)
+    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().to(weight.device, torch.float32).reshape(-1)
+    norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return merged * (magnitude / norm).reshape(shape) - weight.to(torch.float32)
+
+
+def dora_diff_state_dict(pipe, adapter: str = "default") -> dict:
+    """`<kohya module name>.diff` (W' - W, in the base weight's dtype) for every DoRA layer of the UNet
+    and the adapted text encoder(s), named as in KOHYA_WEIGHTS."""
+    sdxl = len(text_encoders(pipe)) > 1
+    parts = [(pipe.unet, lambda path: kohya_module_name(path, pipe.unet))]
+    for index, (name, encoder) in enumerate(text_encoders(pipe), start=1):
+        if (name, encoder) in adapted_text_encoders(pipe):
+            prefix = f"lora_te{index}_" if sdxl else "lora_te_"
+            parts.append((encoder, lambda path, prefix=prefix: prefix + (
+                path if path.startswith("text_model.") else "text_model." + path).replace(".", "_")))
+    out = {}
+    for model, name_of in parts:
+        for path, layer in model.named_modules():
+            if adapter in getattr(layer, "lora_magnitude_vector", {}):
+                dtype = layer.get_base_layer().weight.dtype
+                delta = dora_merged_delta(layer, adapter).to(dtype)
+                out[f"{name_of(path)}.diff"] = (delta if delta.is_meta else delta.to("cpu")).contiguous()
+    return out
+
+
+def export_dora_diff(adapter_dir: Path, pipe, layout):
+    """Write DORA_DIFF and check it with ComfyUI's and AUTOMATIC1111's rules on the live model."""
+    from safetensors.torch import save_file
+
+    from studio.adapters import clients
+    from studio.adapters.checks import ExportReport
+
+    path = Path(adapter_dir) / DORA_DIFF
+    state = dora_diff_state_dict(pipe)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    report = ExportReport(file=path.name, format="full-diff", loader=DIFF_LOADER)
+    report.clients = clients.client_checks(
+        state, layout, {clients.COMFYUI: True, clients.A1111: True, clients.KOHYA: False},
+        {clients.KOHYA: "networks/lora.py reads lora_down/lora_up only; kohya's tools apply DoRA through "
+                        f"LyCORIS (network_module lycoris.kohya) from {KOHYA_WEIGHTS}"})
+    comfy = report.clients[0]
+    report.unexpected_keys = [] if comfy["matched"] == comfy["total"] else list(comfy["unmatched"])
+    if comfy["max_abs_diff"] is not None:  # the clients' tolerance (1e-3 of the change) in absolute terms
+        report.max_abs_diff = comfy["max_abs_diff"]
+        report.tolerance = max(clients.TOLERANCE * comfy["change"], clients.ROUNDING * comfy["scale"])
+    return report
+
+
+def client_layout(pipe):
+    from studio.adapters import clients
+
+    return clients.Layout(pipe.unet, text_encoders(pipe))
+
+
+def kohya_client_checks(state: dict, pipe, layout) -> list[dict]:
+    """ComfyUI's, AUTOMATIC1111's and kohya's rules on KOHYA_WEIGHTS. For DoRA none of them applies
+    dora_scale as peft does (diffusers and LyCORIS do), so DORA_DIFF is the file for ComfyUI and A1111."""
+    from studio.adapters import clients
+
+    dora = is_dora(pipe)
+    use = f"use {DORA_DIFF}, the same layers merged" if dora else ""
+    notes = {clients.COMFYUI: use, clients.A1111: use,
+             clients.KOHYA: "networks/lora.py ignores dora_scale; kohya's tools read DoRA through LyCORIS "
+                            "(network_module lycoris.kohya)" if dora else ""}
+    return clients.client_checks(state, layout, {c: not dora for c in clients.CLIENTS}, notes)
