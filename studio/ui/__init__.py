@@ -133,6 +133,10 @@ def _checkpoint_on_sigterm(studio: Studio) -> None:
     step and the studio then exits, instead of losing the steps since the last checkpoint."""
     import signal
     import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python lets only the main thread set signal handlers (a studio launched from a thread)
 
     def stop(signum, frame):
         train = sys.modules.get("studio.train")  # not imported: nothing has trained in this process
