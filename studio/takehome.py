@@ -119,14 +119,17 @@ def client_files(adapter_dir: Path, kind: str, name: str, token: str) -> list[Cl
     from studio.adapters import custom, embedding, full, lora
 
     folder = Path(adapter_dir)
-    lora_file = {"lora": lora.KOHYA_WEIGHTS, "dora": lora.KOHYA_WEIGHTS, "pivotal": lora.KOHYA_WEIGHTS,
+    # DoRA: the layers merged (`.diff`), which ComfyUI and A1111 apply exactly; their dora_scale rules
+    # differ from DoRA's own (studio.adapters.clients). A folder without it: the kohya file.
+    dora = lora.DORA_DIFF if (Path(adapter_dir) / lora.DORA_DIFF).is_file() else lora.KOHYA_WEIGHTS
+    lora_file = {"lora": lora.KOHYA_WEIGHTS, "dora": dora, "pivotal": lora.KOHYA_WEIGHTS,
                  "loha": LYCORIS_EXPORT, "lokr": LYCORIS_EXPORT,
                  "custom": getattr(custom, "DIFF_WEIGHTS", None)}.get(kind)
     files = []
     if lora_file and (folder / lora_file).is_file():
         files.append(ClientFile(folder / lora_file, f"{name}.safetensors", "lora"))
     if kind in ("embedding", "pivotal"):
-        a1111 = folder / embedding.A1111  # SD 1.x/2.x; SDXL's own file already is the clients' format
+        a1111 = folder / embedding.a1111_file(token)  # named after the token, A1111's and ComfyUI's trigger
         source = a1111 if a1111.is_file() else folder / embedding.WEIGHTS
         if source.is_file():
             files.append(ClientFile(source, f"{token}.safetensors", "embedding"))

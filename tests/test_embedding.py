@@ -64,10 +64,12 @@ def test_the_new_row_starts_from_the_initializer_word(dataset_dir, tiny_model):
 
 def test_files_reload_through_diffusers_and_match(ti_run):
     reports = checks.read_reports(ti_run / "adapter")
+    a1111_file = embedding.a1111_file("sks")  # A1111 and ComfyUI take the trigger word from the file name
+    assert a1111_file == "embeddings_a1111/sks.safetensors"
     assert [(r.file, r.format) for r in reports] == [(embedding.WEIGHTS, "diffusers-embedding"),
-                                                      (embedding.A1111, "a1111-embedding")]
+                                                      (a1111_file, "a1111-embedding")]
     assert all(r.ok and r.max_abs_diff == 0.0 for r in reports)
-    a1111 = load_file(str(ti_run / "adapter" / embedding.A1111))
+    a1111 = load_file(str(ti_run / "adapter" / a1111_file))
     assert list(a1111) == ["emb_params"] and a1111["emb_params"].shape == (1, 32)
 
 
@@ -75,8 +77,8 @@ def test_a_broken_file_fails_the_check(ti_run, tiny_model, tmp_path):
     pipe = models.load_pipeline(models.resolve("tiny"))
     pipe.load_textual_inversion(str(ti_run / "adapter" / embedding.WEIGHTS), token="sks")
     pipe.text_encoder._studio_token = ("sks", pipe.tokenizer.convert_tokens_to_ids("sks"))
-    save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / embedding.A1111))  # wrong vector
-    report = embedding._check(tmp_path, embedding.A1111, "a1111-embedding", pipe)
+    save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "sks.safetensors"))  # wrong vector
+    report = embedding._check(tmp_path, "sks.safetensors", "a1111-embedding", pipe)
     assert not report.ok and report.max_abs_diff > 1e-3
 
 

@@ -50,7 +50,7 @@ def test_both_parts_are_saved_and_verified(pivotal_run):
     run, _ = pivotal_run
     folder = run / "adapter"
     assert (folder / LORA_WEIGHTS).exists() and (folder / lora.KOHYA_WEIGHTS).exists()
-    assert (folder / embedding.WEIGHTS).exists() and (folder / embedding.A1111).exists()
+    assert (folder / embedding.WEIGHTS).exists() and (folder / embedding.a1111_file("sks")).exists()
     reports = checks.read_reports(folder)
     assert {r.format for r in reports} == {"kohya", "diffusers-embedding", "a1111-embedding"}
     assert all(r.ok for r in reports), [r.summary() for r in reports if not r.ok]

@@ -94,7 +94,8 @@ def test_checkpoint_names_for_known_bases_and_files():
 def test_embedding_run_uses_the_word_and_no_lora_loader(tmp_path):
     folder = tmp_path / "run" / "adapter"
     folder.mkdir(parents=True)
-    save_file({"emb_params": torch.zeros(1, 32)}, str(folder / "learned_embeds_a1111.safetensors"))
+    (folder / "embeddings_a1111").mkdir()
+    save_file({"emb_params": torch.zeros(1, 32)}, str(folder / "embeddings_a1111" / "sks.safetensors"))
     write_meta(folder, AdapterMeta(kind="embedding", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                    token="sks", class_word="shape", step=10, has_scale=False))
     plan = takehome.plan(tmp_path / "run", "sks-ti", settings(prompt="a photo of sks shape", scale=1.0))

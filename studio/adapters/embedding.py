@@ -5,9 +5,11 @@ word's embedding, and a gradient mask keeps every other row of the vocabulary, a
 weight, bit-identical (with no weight decay, Adam's update is exactly zero where the gradient is).
 
 Files: `learned_embeds.safetensors` ({token: vector}, diffusers' format) and
-`learned_embeds_a1111.safetensors` (`emb_params`: (vectors, dim)), which AUTOMATIC1111 and ComfyUI read.
+`embeddings_a1111/<token>.safetensors` (`emb_params`: (vectors, dim)), which AUTOMATIC1111 and ComfyUI
+read. Both take the trigger word from the file name (A1111: the word itself; ComfyUI: `embedding:<token>`),
+so that file is named after the trained token.
 
-SDXL: the token is added to both tokenizers and both text encoders, and both rows train. The file is
+SDXL: the token is added to both tokenizers and both text encoders, and both rows train. The files are
 then SDXL's embedding format, {"clip_l": (1, dim_1), "clip_g": (1, dim_2)}, which AUTOMATIC1111 and
 ComfyUI read as it is and diffusers loads with one `load_textual_inversion` call per encoder.
 """
@@ -24,7 +26,14 @@ HAS_SCALE = False
 TRAINS_TEXT = True  # the text encoder's input changes during training: no cached text embeddings
 WEIGHT_DECAY = 0.0  # decay would move the frozen rows too
 WEIGHTS = "learned_embeds.safetensors"
-A1111 = "learned_embeds_a1111.safetensors"
+A1111_DIR = "embeddings_a1111"  # <token>.safetensors: the file AUTOMATIC1111 and ComfyUI read
+
+
+def a1111_file(token: str) -> str:
+    """The A1111/ComfyUI file's path inside the adapter folder: named after the trigger word."""
+    return f"{A1111_DIR}/{token}.safetensors"
+
+
 SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2
 
 
@@ -144,18 +153,27 @@ def unload(pipe, adapter_dir: Path) -> None:
 
 
 def export(adapter_dir: Path, pipe) -> list:
-    """The A1111 file, then both files read back by diffusers' own loader and compared.
+    """The A1111/ComfyUI file (`a1111_file(token)`), then both files read back by diffusers' own loader
+    and compared, and the A1111 file read by A1111's and ComfyUI's embedding rules (studio.adapters.clients).
 
-    SDXL: the native file already is the format AUTOMATIC1111 and ComfyUI read; it alone is checked.
+    SDXL: the same {"clip_l", "clip_g"} contents as the native file, under the token's name.
     """
     from safetensors.torch import save_file
 
-    if len(_pairs(pipe)) > 1:
-        return [_check(adapter_dir, WEIGHTS, "sdxl-embedding", pipe)]
+    from studio.adapters import clients
+
+    sdxl = len(_pairs(pipe)) > 1
     token, vector = learned(pipe)
-    save_file({"emb_params": vector.unsqueeze(0)}, str(Path(adapter_dir) / A1111))
-    return [_check(adapter_dir, name, fmt, pipe) for name, fmt in ((WEIGHTS, "diffusers-embedding"),
-                                                                   (A1111, "a1111-embedding"))]
+    contents = file_contents(pipe) if sdxl else {"emb_params": vector.unsqueeze(0)}
+    name = a1111_file(token)
+    (Path(adapter_dir) / A1111_DIR).mkdir(exist_ok=True)
+    save_file(contents, str(Path(adapter_dir) / name))
+    native = _check(adapter_dir, WEIGHTS, "sdxl-embedding" if sdxl else "diffusers-embedding", pipe)
+    a1111 = _check(adapter_dir, name, "a1111-embedding", pipe)
+    rows = ({key: learned(pipe, encoder)[1] for key, (_, encoder) in zip(SDXL_KEYS, _pairs(pipe))} if sdxl
+            else {"": vector})
+    a1111.clients = clients.embedding_checks(contents, Path(name).name, token, rows)
+    return [native, a1111]
 
 
 def _check(adapter_dir: Path, file: str, fmt: str, pipe):
