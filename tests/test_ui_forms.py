@@ -85,3 +85,22 @@ def test_the_evaluation_form_of_a_shown_evaluation(tmp_path):
                         scales="0.5, 1", checkpoints="all", seeds=1, steps=7, guidance=5.0, own="a {token} {class}",
                         contexts="on a red background")
     assert evaluate_tab._settings_form(str(tmp_path / "missing")) == {}
+
+
+def test_a_cancelled_evaluation_leaves_no_half_folder_and_says_so(trained_run, dataset_dir, workspace):
+    studio = Studio(workspace, "tiny")
+    data = dict(runs=[trained_run.name], dataset=dataset_dir.name, clip="tiny", dino="none",
+                kinds=list(evaluate_tab.KIND_LABELS), per_kind=0, scales="0.5, 1", checkpoints="all", seeds=2,
+                steps=2, guidance=5.0, own="", contexts="in a forest")
+    folder, said = evaluate_tab._start(studio, "tiny", data)
+    assert "images (" in said  # the size of the job, before anything loads
+    assert evaluate_tab._cancel(studio).startswith("Cancelling")
+    status = evaluate_tab._view(studio, folder)[0]  # while it stops: never its image count again
+    job = studio.jobs.wait(120)
+    assert job.status == "cancelled", job.message
+    assert status in ("Cancelling after the current image…",
+                      "Evaluation cancelled; the images it had drawn were deleted and nothing was kept."), status
+    from pathlib import Path
+
+    assert not Path(folder).exists()
+    assert evaluate_tab._view(studio, folder)[0].startswith("Evaluation cancelled; the images it had drawn were deleted")
