@@ -110,8 +110,18 @@ def build(studio: Studio, default_resolution: int) -> dict:
 
 
 def _for(studio: Studio, handler):
-    """`handler` with the studio passed in, keeping its name and signature (Gradio reads both)."""
-    return functools.update_wrapper(functools.partial(handler, studio=studio), handler)
+    """`handler` with the studio passed in, keeping its name and its signature without `studio` (Gradio reads
+    both: it passes its gr.Progress by position, so a `studio` left in the signature took a second value)."""
+    import inspect
+
+    @functools.wraps(handler)
+    def bound(*args, **kwargs):
+        return handler(*args, studio=studio, **kwargs)
+
+    signature = inspect.signature(handler)
+    bound.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values()
+                                                        if p.name != "studio"])
+    return bound
 
 
 def _options(crop="subject", buckets=False, background="#ffffff", border="#ffffff", detector=""):
