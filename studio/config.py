@@ -59,6 +59,10 @@ class TrainConfig:
     train_text_encoder: bool = _help("LoRA/DoRA: also adapt the text encoder's attention (q, k, v, out); full "
                                      "(DreamBooth): fine-tune the whole text encoder too. Learns how the trigger "
                                      "word is read, at more memory per step.", False)
+    extract_rank: int = _help("Full fine-tunes (DreamBooth): also write a kohya LoRA of this rank extracted from "
+                              "the difference to the base model (truncated SVD, as kohya's "
+                              "extract_lora_from_models.py does), a small file to share, with how much its output "
+                              "differs from the fine-tune in the export report; 0 writes none. 32-128 is common.", 0)
     locon: bool = _help("Also adapt the ResNet convolutions and feed-forward layers (LoCon), not only attention.", False)
     lokr_factor: int = _help("LoKr: factor of the Kronecker decomposition; -1 picks the most square split.", -1)
     min_snr_gamma: float = _help("Min-SNR loss weighting (Hang et al. 2023; 5 is their choice); 0 turns it off.", 0.0)
@@ -114,6 +118,9 @@ class TrainConfig:
             raise StudioError(
                 f"Setting 'resolution' must be 0 or a multiple of 8 of at least 32, got {self.resolution}.")
         limits.check_train_settings(self)  # upper bounds, finiteness (nan, inf), the seed's 64 bits
+        if self.extract_rank and self.method != "full":
+            raise StudioError(f"Setting 'extract_rank' extracts a LoRA from a full fine-tune, not from method "
+                              f"'{self.method}'; set method to 'full' or extract_rank to 0.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -398,8 +398,19 @@ def test_custom_diffusion_on_sdxl(dataset_dir, tmp_path):
     kv = load_file(str(result.run_dir / "adapter" / "custom_kv.safetensors"))
     assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
     reports = checks.read_reports(result.run_dir / "adapter")  # diffusers' load_attn_procs reads the export
-    assert [r.format for r in reports] == ["diffusers-custom-diffusion"] and reports[0].ok, reports[0].summary()
-    assert reports[0].max_abs_diff is not None
+    assert [r.format for r in reports] == ["diffusers-custom-diffusion", "lora-diff", "a1111-embedding"]
+    assert all(r.ok and r.max_abs_diff is not None for r in reports), [r.summary() for r in reports]
+    diff = load_file(str(result.run_dir / "adapter" / "custom_diffusion_diff.safetensors"))
+    assert diff and all(k.startswith("lora_unet_") and "_blocks_" in k and k.endswith(("attn2_to_k.diff", "attn2_to_v.diff"))
+                        for k in diff)  # LDM names (input_blocks / middle_block / output_blocks), as SDXL LoRAs use
+    assert not any("down_blocks" in k or "up_blocks" in k for k in diff)
+    a1111 = load_file(str(result.run_dir / "adapter" / "embeddings_a1111" / "sks.safetensors"))
+    assert set(a1111) == {"clip_l", "clip_g"}
+    from studio.adapters import metadata
+
+    meta = metadata.read(result.run_dir / "adapter" / "custom_diffusion_diff.safetensors")
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     rows = load_file(str(result.run_dir / "adapter" / "embeddings" / "sks.safetensors"))
     assert set(rows) == {"clip_l", "clip_g"}  # the token's row in both text encoders
     playground = Playground()

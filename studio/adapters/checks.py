@@ -25,6 +25,9 @@ class ExportReport:
     max_abs_diff: float | None = None  # UNet output, loader's copy vs the studio's, same input and scale
     tolerance: float = 1e-4
     note: str = ""  # why a check could not run, in one sentence
+    # A lossy export (a LoRA extracted from a full fine-tune, studio.adapters.extract): what it costs,
+    # measured on the UNet's output against the model it approximates. Empty for exact exports.
+    approximation: dict = field(default_factory=dict)
     # The file through each client's own rules (studio.adapters.clients): ComfyUI, AUTOMATIC1111, kohya,
     # with matched/total keys, the output against the studio's and whether the studio recommends the file
     # for that client. Every recommended client must apply it exactly for the report to be ok.
@@ -42,6 +45,12 @@ class ExportReport:
         return "; ".join(summary(c) for c in self.clients)
 
     def summary(self) -> str:
+        if self.ok and self.approximation:
+            a = self.approximation
+            return (f"{self.file} ({self.format}, rank {a['rank']}) reloads through {self.loader}; against the "
+                    f"fine-tuned model its UNet output differs by {a['relative_output_diff']:.1%} of what the "
+                    f"fine-tune changed (mean {a['unet_output_mean_abs_diff']:.2e}, max "
+                    f"{a['unet_output_max_abs_diff']:.2e}); not in it: {a['not_in_the_lora']}.")
         clients = f" Clients: {self.clients_summary()}." if self.clients else ""
         if self.ok:
             return (f"{self.file} ({self.format}) reloads through {self.loader}: same output "

@@ -17,8 +17,9 @@ size embedding), and the two text encoders as
                                                             (q, k, v stacked), mlp.c_fc / c_proj, ln_1 / ln_2,
                                                             positional_embedding, text_projection (transposed)
 
-The file is read back by diffusers' `from_single_file`, an independent implementation of the same
-layout, and its UNet, VAE decoder and text encoder(s) are compared with the studio's on fixed inputs.
+The file is read back by diffusers' single-file converters (what `from_single_file` runs), an
+independent implementation of the same layout, and every weight they produce is compared with the
+studio's, one component at a time on the CPU, without building a second model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ KINDS = ("full",)
 HAS_SCALE = False
 SAVES_MODEL = True  # checkpoints keep trainable.safetensors (the whole UNet) and no second model copy
 SINGLE_FILE = "model.safetensors"
-SINGLE_FILE_LOADER = "diffusers from_single_file"
+SINGLE_FILE_LOADER = "diffusers single-file converters (from_single_file's convert_ldm_*)"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
@@ -48,6 +49,9 @@ def attach(pipe, cfg) -> None:
     for _, encoder in text_encoders(pipe):
         encoder.requires_grad_(bool(getattr(cfg, "train_text_encoder", False)))
     pipe.unet.requires_grad_(True)
+    # What export needs to extract a LoRA from the fine-tune (setting extract_rank; 0: none).
+    pipe._studio_extract = dict(rank=int(getattr(cfg, "extract_rank", 0)), model=cfg.model,
+                                resolution=cfg.resolution, text=bool(getattr(cfg, "train_text_encoder", False)))
 
 
 def trainable_parameters(pipe) -> list:
@@ -105,8 +109,9 @@ def vae_ldm_name(key: str, config) -> str:
     raise ValueError(f"VAE parameter '{key}' has no LDM counterpart")
 
 
-def single_file_state_dict(pipe) -> dict:
-    """UNet, VAE and text encoder(s) of `pipe` under single-file key names (SD 1.x or SDXL), on the CPU."""
+def single_file_state_dict(pipe, to_cpu: bool = True) -> dict:
+    """UNet, VAE and text encoder(s) of `pipe` under single-file key names (SD 1.x or SDXL), on the CPU
+    (`to_cpu=False`: where they are, for the key names alone)."""
     out = {}
     for key, value in pipe.unet.state_dict().items():
         module, _, param = key.rpartition(".")
@@ -123,7 +128,7 @@ def single_file_state_dict(pipe) -> dict:
         out[prefix + ("" if key.startswith("text_model.") else "text_model.") + key] = value
     if sdxl:
         out.update({SDXL_TEXT_2_PREFIX + k: v for k, v in open_clip_state_dict(pipe.text_encoder_2).items()})
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()} if to_cpu else out
 
 
 # transformers CLIP text layer -> OpenCLIP layer with the same weights (inside resblocks.<i>)
@@ -176,12 +181,28 @@ def export(adapter_dir: Path, pipe) -> list:
     reason = _no_layout(pipe)
     if reason:  # no file rather than a file in a layout no tool expects
         return [ExportReport(SINGLE_FILE, "sd-single-file", SINGLE_FILE_LOADER,
-                             note=f"not written: {reason}; the diffusers folder is the model.")]
+                             note=f"not written: {reason}; the diffusers folder is the model.")] + extract_lora(adapter_dir, pipe)
     path = Path(adapter_dir) / SINGLE_FILE
     tmp = path.with_name(path.name + ".partial")
     save_file(single_file_state_dict(pipe), str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
-    return [check_single_file(path, pipe, config_dir=adapter_dir)]
+    return [check_single_file(path, pipe, config_dir=adapter_dir)] + extract_lora(adapter_dir, pipe)
+
+
+def extract_lora(adapter_dir: Path, pipe, rank: int | None = None) -> list:
+    """The LoRA extracted from this fine-tune (studio.adapters.extract) at `rank` (default: the run's
+    setting extract_rank; 0 or unset: none), with its report."""
+    from studio.adapters import extract
+
+    wanted = getattr(pipe, "_studio_extract", None) or {}
+    rank = wanted.get("rank", 0) if rank is None else rank
+    if not rank:
+        return []
+    base = extract.load_base_unet(wanted["model"])  # the base alone; the fine-tune is not copied
+    try:
+        return [extract.extract_and_check(adapter_dir, pipe.unet, base, rank, wanted["resolution"], wanted["text"])]
+    finally:
+        del base
 
 
 def _no_layout(pipe) -> str | None:
@@ -193,14 +214,17 @@ def _no_layout(pipe) -> str | None:
     return None
 
 
-def check_single_file(path: Path, pipe, config_dir: Path):
-    """Read a single file (SD 1.x or SDXL) with diffusers' `from_single_file` and compare with `pipe`.
+def check_single_file(path: Path, pipe, config_dir: Path | None = None):
+    """Read a single file (SD 1.x or SDXL) with diffusers' own single-file converters and compare each
+    weight they produce with the studio's.
 
-    Keys: the file's against those the studio writes for `pipe`. Output: UNet (noise prediction),
-    VAE decoder (image from latents) and text encoder (hidden states), each on one fixed input; the
-    report's max_abs_diff is the largest of the three. `config_dir` is a local diffusers folder of the
-    same architecture: it supplies the component configs (the tiny built-in model's sizes match no
-    original SD config), tokenizer and scheduler, never weights.
+    Keys: the file's against those the studio writes for `pipe`, and every weight of the studio's
+    components against what the converters made of the file. Weights: `convert_ldm_unet_checkpoint`,
+    `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` and (SDXL) `convert_open_clip_checkpoint`
+    are what `from_single_file` runs before it fills a model; their output is compared tensor by tensor
+    (max abs difference), so equal weights mean equal outputs. No model is built and nothing runs:
+    one component's tensors at a time are read from the file, on the CPU. `config_dir` is no longer
+    needed (the studio's own component configs are used) and is accepted for callers that pass it.
     """
     from safetensors import safe_open
 
@@ -209,82 +233,85 @@ def check_single_file(path: Path, pipe, config_dir: Path):
     report = ExportReport(file=Path(path).name, format="sd-single-file", loader=SINGLE_FILE_LOADER, tolerance=1e-4)
     with safe_open(str(path), "pt") as handle:
         found = set(handle.keys())
-    expected = set(single_file_state_dict(pipe))
-    report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
-    try:
-        loaded = _load_single_file(path, config_dir, sdxl=getattr(pipe, "text_encoder_2", None) is not None)
-    except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
-        log.warning("diffusers could not load %s", path, exc_info=True)
-        report.note = f"diffusers' from_single_file refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
-        return report
-    report.missing_keys += _unfilled(loaded)
-    diffs = _compare(pipe, loaded)
-    log.info("single-file check of %s: %s", path, diffs)
-    report.max_abs_diff = max(diffs.values())
+        expected = set(single_file_state_dict(pipe, to_cpu=False))
+        report.missing_keys, report.unexpected_keys = sorted(expected - found), sorted(found - expected)
+        worst = 0.0
+        try:
+            for component, converted in _converted(_LazyFile(handle), pipe):
+                missing, diff = _compare_weights(getattr(pipe, component), converted)
+                report.missing_keys += [f"{component}.{k}" for k in missing]
+                worst = max(worst, diff)
+                del converted
+        except Exception as exc:  # any refusal is the finding: logged in full, reported in one sentence
+            log.warning("diffusers could not convert %s", path, exc_info=True)
+            report.note = f"diffusers' single-file converters refused the file ({exc.__class__.__name__}: {_first_line(exc)})."
+            return report
+    report.max_abs_diff = worst
     return report
 
 
-def _load_single_file(path: Path, config_dir: Path, sdxl: bool = False):
-    """diffusers 0.42's offline reading: `config=` a local diffusers folder gives every component's
-    config, so nothing is fetched and no original (LDM yaml) config is needed."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+class _LazyFile(dict):
+    """The file's tensors as a mapping that reads each one when asked (what the converters index)."""
 
+    def __init__(self, handle):
+        super().__init__()
+        self._handle, self._keys = handle, list(handle.keys())
+        self._set = set(self._keys)
+
+    def keys(self):
+        return list(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._set
+
+    def __getitem__(self, key):
+        if key not in self._set:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self._set else default
+
+
+def _converted(checkpoint, pipe):
+    """(component, its diffusers state dict as diffusers' converters read it from `checkpoint`), one at a time."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    yield "unet", sfu.convert_ldm_unet_checkpoint(checkpoint, dict(pipe.unet.config))
+    yield "vae", sfu.convert_ldm_vae_checkpoint(checkpoint, dict(pipe.vae.config))
+    yield "text_encoder", sfu.convert_ldm_clip_checkpoint(checkpoint, SDXL_TEXT_PREFIX if sdxl else None)
     if sdxl:
-        return StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
-            add_watermarker=False)
-    return StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
-        safety_checker=None, requires_safety_checker=False)
+        yield "text_encoder_2", sfu.convert_open_clip_checkpoint(pipe.text_encoder_2, checkpoint, prefix=SDXL_TEXT_2_PREFIX)
 
 
-def _unfilled(loaded) -> list[str]:
-    """Parameters the loader left without a value (still on the meta device): the file lacked them."""
-    return sorted(f"{component}.{name}" for component in _components(loaded)
-                  for name, p in getattr(loaded, component).named_parameters() if p.is_meta)
-
-
-def _components(pipe) -> tuple[str, ...]:
-    extra = ("text_encoder_2",) if getattr(pipe, "text_encoder_2", None) is not None else ()
-    return ("unet", "vae", "text_encoder") + extra
-
-
-def _compare(pipe, loaded) -> dict[str, float]:
+def _compare_weights(module, converted: dict) -> tuple[list[str], float]:
+    """(the module's weights the converted dict lacks, largest |theirs - ours| over the rest).
+    transformers 5 names CLIP's weights without `text_model.`; both sides are compared without it."""
     import torch
 
-    from studio.adapters.lora import _fixed_unet_input
-
-    g = torch.Generator().manual_seed(0)
-    vae_cfg = pipe.vae.config
-    latent = vae_cfg.sample_size // 2 ** (len(vae_cfg.block_out_channels) - 1)
-    latents = torch.randn(1, vae_cfg.latent_channels, latent, latent, generator=g)
-    ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, 77), generator=g)
-    diffs = {}
+    plain = lambda k: k.removeprefix("text_model.")  # noqa: E731
+    theirs = {plain(k): v for k, v in converted.items()}
+    missing, worst = [], 0.0
     with torch.no_grad():
-        for name in _components(pipe):
-            ours, theirs = getattr(pipe, name), getattr(loaded, name)
-            was_training, dtype = ours.training, next(ours.parameters()).dtype
-            if dtype != torch.float32:  # half-precision training: compare in float32
-                ours.float()
-            theirs.eval().to(next(ours.parameters()).device)
-            ours.eval()
-            if name == "unet":
-                inputs = _fixed_unet_input(ours)
-                a, b = ours(**inputs).sample, theirs(**inputs).sample
-            elif name == "vae":
-                z = latents.to(next(ours.parameters()).device)
-                a, b = ours.decode(z).sample, theirs.decode(z).sample
-            else:  # every layer's hidden states, and the projected pooled output where there is one
-                t = ids.to(next(ours.parameters()).device)
-                mine, other = ours(t, output_hidden_states=True), theirs(t, output_hidden_states=True)
-                a = torch.cat([h.flatten() for h in mine.hidden_states] + [mine[0].flatten()])
-                b = torch.cat([h.flatten() for h in other.hidden_states] + [other[0].flatten()])
-            diffs[name] = float((a.float() - b.float()).abs().max())
-            if dtype != torch.float32:
-                ours.to(dtype)
-            ours.train(was_training)
-    return diffs
+        for key, ours in module.state_dict().items():
+            other = theirs.get(plain(key))
+            if other is None:
+                missing.append(key)
+                continue
+            if tuple(other.shape) != tuple(ours.shape):
+                other = other.reshape(ours.shape) if other.numel() == ours.numel() else None
+                if other is None:
+                    missing.append(f"{key} (shape)")
+                    continue
+            worst = max(worst, float((other.float() - ours.detach().to("cpu").float()).abs().max()))
+    return missing, worst
 
 
 def _first_line(exc: BaseException) -> str:
