@@ -300,3 +300,47 @@ def test_sigterm_stops_training_with_a_checkpoint_to_resume(dataset_dir, tiny_mo
     last = [e.step for e in history if isinstance(e, events.Step)][-1]
     assert 3 <= last < 60 and checkpoints.latest(RunPaths(run)).step == last
     assert [e.status for e in history if isinstance(e, events.Finished)] == ["interrupted"]
+
+
+def test_sigterm_to_the_app_checkpoints_an_api_run_then_exits(dataset_dir, tiny_model, tmp_path):
+    import socket
+
+    from gradio_client import Client
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workspace = tmp_path / "ws"
+    shutil.copytree(dataset_dir, workspace / "datasets" / "bear")
+    env = {**os.environ, "STUDIO_WORKSPACE": str(workspace), "STUDIO_MODEL": "tiny"}
+    env.pop("STUDIO_SESSIONS", None)
+    app = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        client = None
+        while client is None and time.monotonic() < deadline:
+            assert app.poll() is None, app.stderr.read()[-2000:]
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:
+                time.sleep(1)
+        assert client is not None, "the app did not serve its page"
+        run_id = client.predict("bear", "lora", 400, "", api_name="/train")
+        run = workspace / "runs" / run_id
+        while time.monotonic() < deadline:
+            steps = [e.step for e in events.read_events(run / "events.jsonl") if isinstance(e, events.Step)] \
+                if (run / "events.jsonl").exists() else []
+            if steps and steps[-1] >= 2:
+                break
+            time.sleep(0.1)
+        app.send_signal(signal.SIGTERM)
+        app.wait(timeout=180)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    history = events.read_events(run / "events.jsonl")
+    last = [e.step for e in history if isinstance(e, events.Step)][-1]
+    assert [e.status for e in history if isinstance(e, events.Finished)] == ["interrupted"]
+    assert 2 <= last < 400 and checkpoints.latest(RunPaths(run)).step == last
