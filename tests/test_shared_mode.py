@@ -148,6 +148,28 @@ def test_the_host_list_allows_a_model_outside_the_workspace(tmp_path, monkeypatc
     assert single.dataset_folder("/anywhere/data") == type(tmp_path)("/anywhere/data")
 
 
+def test_files_shown_from_a_workspace_elsewhere_are_copies_gradio_may_serve(tmp_path, monkeypatch, no_request):
+    """A workspace outside the working directory and the temp folder (a Space's /data, say): Gradio may
+    copy into its cache only from those two, so the studio hands it a copy in the temp folder."""
+    import tempfile
+
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    studio = Studio(Workspace(tmp_path / "data" / "ws"), "tiny", shared=True)
+    _as(studio, "page")
+    sample = studio.workspace.run("r").samples / "step-000001-0.png"
+    sample.parent.mkdir(parents=True)
+    sample.write_bytes(b"\x89PNG sample")
+    shown = type(tmp_path)(studio.servable(sample))
+    assert shown.read_bytes() == sample.read_bytes() and tmp_path / "tmp" in shown.parents
+    assert "sessions" not in str(shown) and shown.name == sample.name
+    assert studio.servable(sample) == str(shown)  # one copy per version of the file
+    single = Studio(Workspace(tmp_path / "data" / "solo"), "tiny")
+    assert single.servable(sample) == str(sample)  # a single-user studio serves its workspace as it is
+
+
 def test_requests_without_a_session_are_refused(served):
     studio, app, url = served
     for api_name in ("workspace_lists", "job_status", "train"):
