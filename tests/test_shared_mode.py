@@ -6,6 +6,7 @@ Two `gradio_client` sessions on loopback; every wait is bounded."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -166,6 +167,15 @@ def test_files_shown_from_a_workspace_elsewhere_are_copies_gradio_may_serve(tmp_
     assert shown.read_bytes() == sample.read_bytes() and tmp_path / "tmp" in shown.parents
     assert "sessions" not in str(shown) and shown.name == sample.name
     assert studio.servable(sample) == str(shown)  # one copy per version of the file
+    from studio import limits
+    from studio.ui import context
+
+    old = shown.parent
+    os.utime(old, (0, 0))  # a copy older than Gradio keeps its own files
+    monkeypatch.setitem(context._pruned, "at", 0.0)
+    sample.write_bytes(b"\x89PNG a newer sample")  # a new version: a new copy, and the old one goes
+    newer = type(tmp_path)(studio.servable(sample))
+    assert newer.read_bytes() == sample.read_bytes() and not old.exists() and limits.UPLOAD_KEEP_S > 0
     single = Studio(Workspace(tmp_path / "data" / "solo"), "tiny")
     assert single.servable(sample) == str(sample)  # a single-user studio serves its workspace as it is
 

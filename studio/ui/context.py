@@ -168,8 +168,10 @@ class Studio:
             return str(resolved)
         stat = resolved.stat()
         key = hashlib.sha256(f"{resolved}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:24]
-        copy = Path(tempfile.gettempdir()) / "concept-studio-served" / key / resolved.name.lstrip(".")
+        served = Path(tempfile.gettempdir()) / "concept-studio-served"
+        copy = served / key / resolved.name.lstrip(".")
         if not copy.exists():
+            _prune(served)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(resolved, copy)
         return str(copy)
@@ -188,6 +190,28 @@ def _request():
 def _session_hash() -> str | None:
     request = _request()
     return getattr(request, "session_hash", None) if request is not None else None
+
+
+_pruned = {"at": 0.0}
+
+
+def _prune(served: Path) -> None:
+    """Delete copies made for the page once they are as old as Gradio's own temporary files may get
+    (looked for at most every few minutes)."""
+    import time
+
+    from studio import limits
+
+    now = time.time()
+    if now - _pruned["at"] < limits.CLEAN_EVERY_S or not served.is_dir():
+        return
+    _pruned["at"] = now
+    for folder in served.iterdir():
+        try:
+            if now - folder.stat().st_mtime > limits.UPLOAD_KEEP_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def allowed_models() -> list[str]:
