@@ -39,7 +39,6 @@ TRAIN_RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, SEED_MAX),
     "flip_p": (0, 1),
     "lokr_factor": (-1, 1024),
-    "extract_rank": (0, 1024),
 }
 MAX_RESOLUTION = 2048  # pixels: SDXL trains at 1024
 
