@@ -437,7 +437,7 @@ def _load_file(ref: ModelRef, dtype):
         return single_file.load(Path(ref.source), dtype, vae=ref.vae)
     except StudioError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a shape the configs did not foresee
+    except Exception as exc:  # diffusers' reader refused the file (a layout the configs did not foresee): logged
         log.warning("single-file checkpoint %s did not load", ref.source, exc_info=True)
         raise StudioError(f"Checkpoint '{ref.name}' could not be loaded ({_first_line(exc)}); it may be damaged or "
                           "of an architecture the studio does not know, so download it again or choose another.") from None

@@ -516,6 +516,8 @@ def load(path: Path, dtype, vae: str = ""):
     extra = dict(add_watermarker=False) if fam == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
     if vae:
         extra["vae"] = load_vae(vae, dtype, fam)
+    if fam == "sd1" and f"{CLIP_PREFIXES['sd1']}text_model.embeddings.token_embedding.weight" not in header.shapes:
+        extra["text_encoder"] = _flat_clip(header, folder, dtype)
     cls = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype,
                                 **tokenizers(fam), **extra)
@@ -524,6 +526,28 @@ def load(path: Path, dtype, vae: str = ""):
         if module is not None:
             _check_filled(module, Path(path), component)
     return pipe
+
+
+def _flat_clip(header: Header, folder: Path, dtype):
+    """SD 1.x text encoder of a file that names it `cond_stage_model.transformer.<name>` without the
+    `text_model.` level (written by some merging tools; ComfyUI's SD15.process_clip_state_dict adds the
+    level back), which diffusers' reader does not find: read here, with the same config."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prefix = CLIP_PREFIXES["sd1"]
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
+    with safe_open(str(header.path), "pt") as handle:
+        state = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys()
+                 if k.startswith(prefix) and not k.endswith("position_ids")}
+    own = model.state_dict()
+    if not set(own) <= set(state) and all(k.startswith("text_model.") for k in own):
+        state = {"text_model." + k: v for k, v in state.items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise StudioError(f"File {_sentence_name(header.path)} lacks {len(missing)} weights of the text encoder (such "
+                          f"as {missing[0]}); it is incomplete, so download it again or choose another.")
+    return model.to(dtype).eval()
 
 
 def _check_filled(module, path: Path, component: str) -> None:

@@ -197,6 +197,19 @@ def test_a_vae_folder_works_for_a_diffusers_base_too(tiny_model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.vae.state_dict().values(), vae.state_dict().values()))
 
 
+def test_an_sd1_file_without_the_text_model_level_loads(tiny, tmp_path):
+    """Some merging tools write `cond_stage_model.transformer.encoder...` (no `text_model.`)."""
+    from safetensors.torch import save_file
+
+    pipe, _ = tiny["sd1"]
+    state = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+             for k, v in ldm_files.pipeline_state_dict(pipe, "sd1").items()}
+    path = tmp_path / "flat-clip.safetensors"
+    save_file(state, str(path), metadata=RESOLUTION)
+    loaded = models.load_pipeline(models.resolve(str(path)))
+    assert max(_max_diffs(_outputs(pipe), _outputs(loaded)).values()) < 1e-5
+
+
 def test_a_file_without_a_vae_needs_one(tiny, tmp_path):
     pipe, _ = tiny["sd1"]
     path = tmp_path / "no-vae.safetensors"
