@@ -138,11 +138,25 @@ _LORA = re.compile(r"(^lora_(unet|te\d?)_)|(\.(lora_down|lora_up|lora_A|lora_B|h
 _EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g", "name", "step")
 
 
+_FAMILIES: dict[int, tuple[Header, str]] = {}  # id(header) -> (header, family): asked on every Playground change
+
+
 def family(header: Header) -> str:
     """'sd1', 'sd2' or 'sdxl' from the keys and shapes; one sentence naming the file for anything else."""
+    known = _FAMILIES.get(id(header))
+    if known is not None and known[0] is header:
+        return known[1]
+    found = _family(header)
+    if len(_FAMILIES) > 64:
+        _FAMILIES.clear()
+    _FAMILIES[id(header)] = (header, found)
+    return found
+
+
+def _family(header: Header) -> str:
     name = _sentence_name(header.path)
     keys = header.shapes
-    if any(_LORA.search(k) for k in keys) and not header.has(UNET):
+    if not header.has(UNET) and any(_LORA.search(k) for k in keys):
         raise StudioError(f"File {name} is a LoRA, not a base model; choose a checkpoint as the base model "
                           "and add the LoRA in the Playground.")
     if keys and all(k.split(".")[0] in _EMBEDDING_KEYS for k in keys):
@@ -356,6 +370,8 @@ def configs(header: Header) -> dict:
     else:
         out["text_encoder"], out["text_encoder_2"] = clip_config(header, fam), open_clip_config(header, fam)
     out["scheduler"] = {**_published(fam, "scheduler"), "prediction_type": pred}
+    if "ztsnr" in header.shapes and fam != "sd1":  # zero terminal SNR (ComfyUI's marker key, e.g. NoobAI v-pred)
+        out["scheduler"]["rescale_betas_zero_snr"] = True
     return out
 
 

@@ -263,6 +263,17 @@ def test_sd2_without_a_resolution_is_768_for_v_and_512_for_epsilon():
     assert single_file.prediction_type(v, "sdxl")[0] == "v_prediction"
 
 
+def test_an_sdxl_v_prediction_file_with_zero_terminal_snr_keys():
+    """ComfyUI's marker keys (supported_models.py SDXL.model_type: `v_pred`; `ztsnr`), as v-prediction SDXL
+    fine-tunes carry them."""
+    base = _real_header("sdxl")
+    marked = single_file.Header(Path("noob-vpred.safetensors"), 0, 0, {**base.shapes, "v_pred": (), "ztsnr": ()}, {}, {})
+    scheduler = single_file.configs(marked)["scheduler"]
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    plain = single_file.configs(single_file.Header(Path("sdxl.safetensors"), 0, 0, base.shapes, {}, {}))["scheduler"]
+    assert plain["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in plain
+
+
 # ---------------------------------------------------------------------------- the real layouts (meta device)
 
 def _meta_pipeline(family: str):
