@@ -244,8 +244,9 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     pipe = models.load_pipeline(ref, device, dtype)
     data = [ConceptDataset(Path(d), cfg.resolution) for d in [cfg.dataset, *cfg.extra_datasets]]
     frozen = _cache_frozen(pipe, data, device, dtype, cfg.flip_p > 0)
-    if should_stop() or TERMINATE.is_set():  # asked to stop while loading: end now, nothing to save yet
-        return _stopped_before_training(paths, emit, state["step"], "cancelled" if should_stop() else "interrupted")
+    if resume_from is None and (should_stop() or TERMINATE.is_set()):  # asked to stop while loading a new
+        # run: end now, there is nothing to save (a resumed run goes on to save the adapter it restores)
+        return _stopped_before_training(paths, emit, "cancelled" if should_stop() else "interrupted")
     long = [c for c in frozen.captions if truncation_notice(pipe.tokenizer, c)]
     if long:
         emit(events.Progress(state["step"], cfg.steps, f"{len(long)} caption(s) are longer than the text encoder "
@@ -330,13 +331,12 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     return RunResult(paths.root, status, state["step"], paths.adapter, message)
 
 
-def _stopped_before_training(paths: RunPaths, emit, step: int, status: str) -> RunResult:
-    """Cancel (or SIGTERM) while the model loads and the latents are cached: no step was trained, so there
-    is nothing to save or export, and the accelerator is free at once."""
-    message = (f"Stopped before training step {step + 1}; nothing new was trained"
-               + (f", and the checkpoint of step {step} is kept." if step else "."))
-    emit(events.Finished(status, step, message))
-    return RunResult(paths.root, status, step, None, message)
+def _stopped_before_training(paths: RunPaths, emit, status: str) -> RunResult:
+    """Cancel (or SIGTERM) while a new run loads its model and caches latents: no step was trained, so
+    there is nothing to save or export, and the accelerator is free at once."""
+    message = "Stopped before training step 1; nothing was trained."
+    emit(events.Finished(status, 0, message))
+    return RunResult(paths.root, status, 0, None, message)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

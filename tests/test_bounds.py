@@ -117,7 +117,7 @@ def test_cancel_while_loading_ends_at_once_with_nothing_to_export(dataset_dir, t
     cfg = build_config(values={**SETTINGS, "dataset": str(dataset_dir), "steps": 5})
     result = train.run(cfg, tmp_path / "run", should_stop=should_stop)
     assert (result.status, result.step, result.adapter_dir) == ("cancelled", 0, None) and asked
-    assert result.message == "Stopped before training step 1; nothing new was trained."
+    assert result.message == "Stopped before training step 1; nothing was trained."
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
     finished = [e for e in events.read_events(tmp_path / "run" / "events.jsonl") if isinstance(e, events.Finished)]
     assert [(e.status, e.step) for e in finished] == [("cancelled", 0)]

@@ -100,7 +100,7 @@ def test_train_generate_evaluate_round_trip(dataset_dir, tmp_path, capsys):
 
 def test_generate_with_unknown_hub_model_is_one_sentence(tmp_path, capsys):
     assert main(["generate", "--model", "nobody/no-such-model", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
-    assert "could not be loaded" in _one_sentence_error(capsys)
+    assert "is not in this machine's model cache and the model hub cannot be reached" in _one_sentence_error(capsys)
 
 
 def test_generate_with_bad_adapter_argument(tmp_path, capsys):
