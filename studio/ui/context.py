@@ -103,11 +103,11 @@ class Studio:
         root = self.workspace.root.resolve()
         inside = (root / path).resolve()  # an absolute path replaces root; '..' and symlinks are followed
         if inside != root and root not in inside.parents:
-            raise StudioError(f"In a shared studio, {what} must be a folder in your own workspace (a dataset "
-                              f"name, or a path inside it); '{text}' is not one.")
+            raise StudioError(f"In a shared studio, {what} must be inside your own workspace (a name or a path "
+                              f"within it); '{text}' is not.")
         return inside
 
-    def user_model(self, text: str | None, what: str = "Base model", extra: tuple[str, ...] = ()) -> str:
+    def user_model(self, text: str | None, what: str = "the base model", extra: tuple[str, ...] = ()) -> str:
         """A model a user named (base model, CLIP, DINO): as given (single user); in a shared studio
         'builtin', a hub id, a name on the host's list, or a file or folder inside their own workspace."""
         from studio import models
