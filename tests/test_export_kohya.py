@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio import train
-from studio.adapters import lora
+from studio.adapters import clients, lora
 from studio.adapters.checks import read_reports
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
@@ -42,12 +42,34 @@ def studio_adapted_unet(tiny_model: Path, adapter_dir: Path):
 def test_training_writes_a_verified_kohya_file(run):
     adapter_dir = RunPaths(run).adapter
     reports = read_reports(adapter_dir)
-    assert [(r.file, r.format, r.loader) for r in reports] == [
-        (lora.KOHYA_WEIGHTS, "kohya", lora.KOHYA_LOADER)]
+    expected = [(lora.KOHYA_WEIGHTS, "kohya", lora.KOHYA_LOADER)]
+    if run.name == "dora":  # DoRA merged, for the clients whose magnitude convention differs
+        expected.append((lora.DORA_DIFF, "full-diff", lora.DIFF_LOADER))
+    assert [(r.file, r.format, r.loader) for r in reports] == expected
     report = reports[0]
-    assert report.ok, report.summary()
+    assert all(r.ok for r in reports), [r.summary() for r in reports]
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     assert (adapter_dir / lora.KOHYA_WEIGHTS).is_file()
+
+
+def test_the_report_lists_each_clients_check_of_each_file(run):
+    """export_check.yaml: per community file, ComfyUI's, A1111's and kohya's rules with matched/total
+    keys and the output against the studio's; the clients the studio points at a file apply it exactly."""
+    reports = {r.file: r for r in read_reports(RunPaths(run).adapter)}
+    for file, report in reports.items():
+        checks = {c["client"]: c for c in report.clients}
+        assert set(checks) == {clients.COMFYUI, clients.A1111, clients.KOHYA}
+        total = len(load_file(str(RunPaths(run).adapter / file)))
+        for check in checks.values():
+            assert check["total"] == total and check["rule"]
+            if check["recommended"]:
+                assert check["exact"] and check["matched"] == total, check
+        recommended = {c for c, check in checks.items() if check["recommended"]}
+        if file == lora.KOHYA_WEIGHTS:
+            assert recommended == (set() if run.name == "dora" else set(checks))
+        else:  # the DoRA diff file: ComfyUI and A1111 apply it exactly; kohya's networks/lora.py reads no diff
+            assert recommended == {clients.COMFYUI, clients.A1111} and checks[clients.KOHYA]["matched"] == 0
+        assert "ComfyUI:" in report.summary() and "AUTOMATIC1111:" in report.summary()
 
 
 def test_kohya_key_names(run):

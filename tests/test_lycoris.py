@@ -222,3 +222,35 @@ def test_tampered_export_fails_and_names_the_key(trained, tmp_path):
 
     assert not report.ok
     assert any(removed.split(".")[0] in k for k in report.missing_keys), report.missing_keys
+
+
+# ----------------------------------------------------------------------------- LoKr + LoCon on real layouts
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lycoris_rebuilds_every_lokr_layer_of_the_real_layout(family):
+    """LyCORIS's loader infers each LoKr layer's split from the file's shapes and builds its own module:
+    on the real SD 1.5 / SDXL layouts (meta device) with LoCon, every layer of the studio's file is
+    rebuilt by lycoris-lora's own `make_module` with the same shapes (the convolutions whose input and
+    output widths differ, e.g. SD 1.5 up_blocks.2.resnets.0.conv1, included), and every layer kind is there."""
+    from lycoris.modules import get_module, make_module
+
+    from studio.adapters import lora
+    from tests.test_clients import real_layout_pipe
+
+    pipe = real_layout_pipe(family, "lokr")
+    state = lycoris.kohya_state_dict(pipe.unet)
+    paths = {lora.kohya_module_name(k.rsplit(".", 1)[0], pipe.unet): k.rsplit(".", 1)[0]
+             for k in lycoris.state_dict(pipe.unet)}
+    modules = dict(pipe.unet.named_modules())
+    names = {k.split(".")[0] for k in state}
+    assert names == set(paths)
+    for name in names:
+        lyco_type, params = get_module(state, name)
+        assert lyco_type is not None and lyco_type.__name__ == "LokrModule", name
+        built = make_module(lyco_type, params, name, modules[paths[name]].get_base_layer())  # raises on a mismatch
+        ours = {k.split(".", 1)[1]: tuple(v.shape) for k, v in state.items() if k.startswith(name + ".lokr_")}
+        assert {k: tuple(getattr(built, k).shape) for k in ours} == ours, name
+    kinds = ("in_layers_2", "skip_connection", "proj_in", "ff_net_2", "attn2_to_k") if family == "sdxl" else (
+        "up_blocks_2_resnets_0_conv1", "conv_shortcut", "proj_in", "ff_net_2", "attn2_to_k")
+    for kind in kinds:
+        assert any(kind in n for n in names), kind

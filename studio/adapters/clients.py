@@ -524,7 +524,7 @@ def _apply(state: dict, layout: Layout, groups: dict, rule: Callable) -> _Applie
             for target, (new, used) in rule(name, params):
                 if tuple(new.shape) != tuple(layout.weight(target).shape):  # a broadcast, not the layer's shape
                     raise ValueError(f"made {tuple(new.shape)} for a {tuple(layout.weight(target).shape)} weight")
-                applied.weights[target] = new
+                applied.weights[target] = new if new.is_meta else new.to("cpu")  # off the GPU until swapped in
                 applied.read |= {f"{name}.{u}" for u in used}
         except (RuntimeError, ValueError, KeyError, IndexError) as exc:  # the client would log and skip it
             applied.unread.append(f"{name} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})")
@@ -627,16 +627,18 @@ def _adapters_off(model):
 
 @contextmanager
 def _swapped(layout: Layout, weights: dict[Target, torch.Tensor]):
+    """The client's weights in place of the base ones for the duration; the base ones wait on the CPU
+    (a GPU holds one set at a time) and come back bit-identical."""
     kept = {}
     try:
         for target, new in weights.items():
             param = layout.weight(target)
-            kept[target] = param.data
+            kept[target] = (param.data.to("cpu"), param.device)
             param.data = new.to(param.device, param.dtype)
         yield
     finally:
-        for target, data in kept.items():
-            layout.weight(target).data = data
+        for target, (data, device) in kept.items():
+            layout.weight(target).data = data.to(device)
 
 
 def meta_layout(unet_config: dict, text_configs: list[tuple[str, object]] = ()) -> Layout:
