@@ -105,8 +105,10 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
                    "kinds": lambda v: isinstance(v, list) and set(v) <= set(KIND_LABELS)}
         return [*forms.restored(values, list(form), allowed), gr.Timer(active=True)]  # one tick draws `shown`
 
+    outputs = [*form.values(), timer]
+    done, once = forms.restore_once(saved, restore, [folder], outputs)
     return {"runs": runs, "dataset": dataset, "folder": folder, "open": open_best, "best": best,
-            "restore": dict(fn=restore, inputs=[saved, folder], outputs=[*form.values(), timer],
+            "restore": dict(fn=once, inputs=[saved, done, folder], outputs=[*outputs, done],
                             show_progress="hidden")}
 
 

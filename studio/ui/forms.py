@@ -44,3 +44,29 @@ def restored(saved: dict | None, names: list[str], allowed: dict[str, Callable[[
         ok = name in saved and allowed.get(name, lambda v: True)(saved[name])
         out.append(gr.update(value=saved[name]) if ok else gr.update())
     return out
+
+
+def restore_once(state: gr.BrowserState, restore: Callable, inputs: list, outputs: list) -> tuple[gr.State, Callable]:
+    """Apply a stored form once per page, whenever it becomes known.
+
+    Gradio's BrowserState reads local storage when its component mounts, which can come after the page's
+    load event has already read the state (then still empty); the stored value then arrives as a change of
+    the state. `restore(values, *inputs) -> updates of outputs` runs on whichever comes first with a stored
+    form, and never again on this page (later changes are the person's own edits being saved).
+
+    Returns (the per-page 'done' flag, fn for the load event: fn(values, done, *inputs) -> (*updates, done)).
+    """
+    done = gr.State(False)
+
+    def on_load(values, already, *rest):
+        stored = isinstance(values, dict) and bool(values)
+        return [*restore(values if stored else None, *rest), already or stored]
+
+    def on_read(values, already, *rest):
+        if already or not (isinstance(values, dict) and values):
+            return [*[gr.update() for _ in outputs], already]
+        return [*restore(values, *rest), True]
+
+    state.change(on_read, [state, done, *inputs], [*outputs, done], show_progress="hidden",
+                 api_visibility="private")
+    return done, on_load

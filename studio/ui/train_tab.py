@@ -109,6 +109,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     preset.input(on_preset, [preset, model_box], [*shown, model_box], show_progress="hidden").then(
         save_all, list(form.values()), saved, show_progress="hidden")
 
+    @friendly  # anything but a user's mistake: logged, and its gist shown
     def on_start(data):
         try:
             run_id = _start(studio, data, dataset, preset, method, model_box, fields, data[run_name])
@@ -131,10 +132,12 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                    "method": lambda v: v in field_kind("method")[1]}
         job = studio.jobs.current()
         live = job is not None and job.kind == "train" and job.active
-        return [*forms.restored(values, list(form), allowed), gr.Timer(active=live)]
+        return [*forms.restored(values, list(form), allowed), gr.Timer(active=live) if live else gr.update()]
 
+    outputs = [*form.values(), timer]
+    done, once = forms.restore_once(saved, restore, [], outputs)
     return {"dataset": dataset, "runs": runs,
-            "restore": dict(fn=restore, inputs=[saved], outputs=[*form.values(), timer], show_progress="hidden")}
+            "restore": dict(fn=once, inputs=[saved, done], outputs=[*outputs, done], show_progress="hidden")}
 
 
 def _refused(exc: Exception):
