@@ -246,6 +246,12 @@ def cmd_evaluate(args) -> int:
     else:
         if not args.dataset or not args.out:
             raise StudioError("Give --dataset and --out (or --rescore EVAL_DIR to rescore a finished evaluation).")
+        from studio import limits, preflight
+
+        limits.check_render(args.steps, 0, args.guidance)  # before any model loads
+        limits.check_range("seeds", args.seeds, 1, 64, "--seeds (images per prompt)")
+        for what, name in (("Base model", args.model), ("CLIP model", args.clip), ("DINO model", args.dino)):
+            preflight.check_hub_model(name, what)
         cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, vae=args.vae,
                          clip=args.clip, dino=args.dino, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
                          prompts=args.prompt, contexts=args.context or list(DEFAULT_CONTEXTS),

@@ -166,6 +166,18 @@ def test_bad_cli_values_are_one_sentence(args, needle, capsys, dataset_dir, tmp_
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--steps", "0"], "Denoising steps must be from 1 to 1,000, got 0."),
+    (["--seeds", "0"], "--seeds (images per prompt) must be from 1 to 64, got 0."),
+    (["--clip", "nobody/no-such-clip"], "CLIP model 'nobody/no-such-clip' is not in this machine's model cache"),
+])
+def test_bad_evaluation_values_are_one_sentence_before_loading(extra, needle, capsys, dataset_dir, tmp_path):
+    code, err = _cli(["evaluate", "--model", "tiny", "--dataset", str(dataset_dir), "--out", str(tmp_path / "ev"),
+                      *extra], capsys)
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ev").exists()
+
+
 def test_a_pickle_renamed_safetensors_is_refused_unread(capsys, tmp_path, tiny_model):
     from studio import adapters
     from studio.adapters import AdapterMeta
