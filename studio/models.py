@@ -173,8 +173,10 @@ def _resolve_file(name: str, path: Path) -> ModelRef:
 
     if not path.exists():
         raise StudioError(f"Checkpoint file '{name}' does not exist; check the path.")
-    single_file.family(single_file.read_header(path))  # a pickle, LoRA, embedding, damaged or unknown file: one sentence
-    return ModelRef(str(path.resolve()), str(path.resolve()))
+    header = single_file.read_header(path)  # a pickle, damaged or truncated file: one sentence
+    single_file.family(header)  # a LoRA, an embedding, a refiner, an unknown architecture: one sentence
+    notice = f"Base model {path.name}: {single_file.describe(header)}."
+    return ModelRef(str(path.resolve()), str(path.resolve()), notice)
 
 
 def base_record(name: str) -> dict:

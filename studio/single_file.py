@@ -200,11 +200,14 @@ def has_vae(header: Header) -> bool:
 
 
 def describe(header: Header) -> str:
-    """e.g. 'SD 1.x checkpoint, fp16, epsilon'."""
+    """What the studio read from the file, e.g. "an SD 1.x checkpoint in fp16 that predicts noise
+    (epsilon: the family's default)"."""
     fam = family(header)
     dtypes = sorted({d for k, d in header.dtypes.items() if k.startswith(UNET)})
     precision = "/".join({"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(d, d.lower()) for d in dtypes)
-    return f"{FAMILY_NAMES[fam]} checkpoint, {precision}, {prediction_type(header, fam)[0]}"
+    pred, source = prediction_type(header, fam)
+    what = "velocity (v-prediction" if pred == "v_prediction" else "noise (epsilon"
+    return f"an {FAMILY_NAMES[fam]} checkpoint in {precision} that predicts {what}: {source})"
 
 
 # ---------------------------------------------------------------------------- prediction type

@@ -159,7 +159,8 @@ def test_half_precision_files_load(tiny, tmp_path, dtype):
     pipe, _ = tiny["sdxl"]
     path = tmp_path / f"half-{str(dtype)[6:]}.safetensors"
     ldm_files.write(pipe, "sdxl", path, dtype=dtype, metadata=RESOLUTION)
-    assert "fp16" in single_file.describe(single_file.read_header(path)) or dtype == torch.bfloat16
+    assert f"in {'fp16' if dtype == torch.float16 else 'bf16'} that predicts noise" in single_file.describe(
+        single_file.read_header(path))
     loaded = models.load_pipeline(models.resolve(str(path)))
     assert next(loaded.unet.parameters()).dtype == torch.float32  # loaded in the precision asked for
     rounded = tiny_pipeline("sdxl")
@@ -458,7 +459,7 @@ def _train(path, dataset_dir, out, *extra) -> int:
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_cli_trains_on_a_single_file_offline(tiny, dataset_dir, tmp_path, family):
+def test_cli_trains_on_a_single_file_offline(tiny, dataset_dir, tmp_path, family, capsys):
     """`python -m studio train --model FILE.safetensors` (HF_HUB_OFFLINE=1 for the whole session)."""
     from studio import adapters
     from studio.config import load_run_config
@@ -467,6 +468,8 @@ def test_cli_trains_on_a_single_file_offline(tiny, dataset_dir, tmp_path, family
     _, path = tiny[family]
     out = tmp_path / "run"
     assert _train(path, dataset_dir, out) == 0
+    said = capsys.readouterr().out
+    assert f"Base model {path.name}: an {single_file.FAMILY_NAMES[family]} checkpoint in fp32 that predicts noise" in said
     meta = adapters.read_meta(adapters.find_adapter_dir(out))
     assert meta.base_model == str(path.resolve())
     assert meta.base_hash == single_file.content_hash(path)
