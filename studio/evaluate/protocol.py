@@ -24,6 +24,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as replace_fields
 from pathlib import Path
 from typing import Callable
 
@@ -155,6 +156,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
 
     from studio.evaluate.embedders import ClipEmbedder
 
+    cfg = absolute_paths(cfg)
     spec = load_dataset(Path(cfg.dataset))
     dataset_files = DatasetPaths(Path(cfg.dataset)).image_files()
     captions = [f.with_suffix(".txt").read_text(encoding="utf-8").strip() if f.with_suffix(".txt").exists() else ""
@@ -183,7 +185,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     except _Cancelled:
         emit(events.Finished("cancelled", counter.done, "Evaluation cancelled; nothing was saved."))
         return EvalResult("cancelled", "Evaluation cancelled; nothing was saved.", None, out_dir)
-    emit(events.Progress(counter.done, counter.total, "Embedding images…"))
+    emit(events.Phase("embedding", f"Embedding {counter.done + len(dataset_files)} images with the CLIP"
+                      f"{' and the DINO' if dino else ''} model and scoring them…", counter.done))
     table = pd.DataFrame(rows, columns=COLUMNS)
     dataset_rows = pd.DataFrame([dict(point="dataset", run="dataset", method="dataset", checkpoint=0, scale=math.nan,
                                       kind="dataset", prompt=c, clip_text="", pair=-1, seed=-1, file=str(f))
@@ -200,6 +203,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     result = _score_and_save(out_dir, table, stores, points)
     from studio.evaluate.report import write_report  # report imports this module
 
+    emit(events.Phase("report", "Writing the report (plots, the sweep grid)…", counter.done))
+
     # The plots and the sweep grid are on disk before the last event: a reader that sees Finished sees them.
     result.plots = write_report(out_dir, result.table, result.images, result.recommendation)
     message = (f"Evaluated {len(points) - 1} point(s) of {len(cfg.runs)} run(s) and the base model on "
@@ -207,6 +212,26 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     emit(events.Finished("completed", counter.done, message))
     result.message = message
     return result
+
+
+def absolute_paths(cfg: EvalConfig) -> EvalConfig:
+    """The dataset and run folders as absolute paths: a path the user typed is relative to where they typed
+    it, never to the evaluation folder that image files are later read from."""
+    return replace_fields(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()),
+                          runs=[str(Path(r).expanduser().resolve()) for r in cfg.runs])
+
+
+def count_images(cfg: EvalConfig) -> tuple[int, int, int]:
+    """(images to draw, points, prompts) of an evaluation, known before anything loads: what a reader is
+    told before starting; the time per image comes from the evaluation's own probe (its Estimate event)."""
+    spec = load_dataset(Path(cfg.dataset))
+    files = DatasetPaths(Path(cfg.dataset)).image_files()
+    captions = [f.with_suffix(".txt").read_text(encoding="utf-8").strip() if f.with_suffix(".txt").exists() else ""
+                for f in files]
+    prompts = build_prompts(spec.token, spec.class_word, captions, cfg.kinds, cfg.prompts, cfg.contexts,
+                            cfg.per_kind)
+    points, _ = sweep_points(cfg)
+    return len(points) * len(prompts) * cfg.seeds, len(points), len(prompts)
 
 
 def rescore(out_dir: Path) -> EvalResult:
@@ -484,12 +509,35 @@ def read_results(out_dir: Path):
 
 
 class _Counter:
+    """Counts the images drawn and tells the pace. The first image also loads the model, so it is no
+    measure of the rest: the second image is the probe behind the Estimate event, and the ETA of each
+    Progress event is the mean time of the images after the first, times the images left."""
+
     def __init__(self, total: int, emit, should_stop):
         self.total, self.done, self.emit, self.should_stop = total, 0, emit, should_stop
         self.start = time.perf_counter()
+        self.first_done: float | None = None  # when the first image (and the model's loading) was done
 
     def tick(self, message: str) -> None:
         if self.should_stop():
             raise _Cancelled()
-        self.emit(events.Progress(self.done, self.total, message))
+        now = time.perf_counter()
+        if self.done == 1:
+            self.first_done = now
+        per_image = self._pace(now)
+        if self.done == 2 and self.total > 2:
+            left = self.total - 2
+            self.emit(events.Estimate(per_image * left, left, "image", per_image,
+                                      f"About {events.clock(per_image * left)} for the {left} images still to draw "
+                                      f"({per_image:.2f} s an image, timed on the second), then embedding and "
+                                      "scoring."))
+        eta = per_image * (self.total - self.done) if per_image is not None else None
+        self.emit(events.Progress(self.done, self.total, message, now - self.start, eta))
         self.done += 1
+
+    def _pace(self, now: float) -> float | None:
+        if self.done >= 2:
+            return (now - self.first_done) / (self.done - 1)
+        if self.done == 1:  # only the first image so far: its time, loading included, is all there is
+            return now - self.start
+        return None
