@@ -16,7 +16,7 @@ import math
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -241,6 +241,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     dtype, notice = models.resolve_precision(cfg.mixed_precision, device)
     if notice:
         emit(events.Progress(state["step"], cfg.steps, notice))
+    emit(events.Phase("loading", "Loading the model and caching the images' latents…", state["step"]))
     pipe = models.load_pipeline(ref, device, dtype)
     data = [ConceptDataset(Path(d), cfg.resolution) for d in [cfg.dataset, *cfg.extra_datasets]]
     frozen = _cache_frozen(pipe, data, device, dtype, cfg.flip_p > 0)
@@ -281,6 +282,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     start, status = time.perf_counter() - (resume_from.elapsed_s if resume_from else 0.0), "completed"
     pipe.unet.train()
     chunk_start, first_step = time.perf_counter(), state["step"]
+    clock = _Clock(cfg, first_step, emit)
     last_saved = chunk_start  # checkpoints by time count from here
     while state["step"] < cfg.steps:
         if should_stop():
@@ -301,13 +303,16 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         step = state["step"]
         elapsed = time.perf_counter() - start
         emit(events.Step(step, cfg.steps, loss, schedule.get_last_lr()[0], elapsed))
+        clock.stepped(step)
         due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
         due = due or (cfg.checkpoint_minutes > 0 and time.perf_counter() - last_saved >= cfg.checkpoint_minutes * 60)
         if w.main and step < cfg.steps and due:
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, step, elapsed)
             last_saved = time.perf_counter()
         if w.main and step < cfg.steps and cfg.sample_every and step % cfg.sample_every == 0:
-            _samples(pipe, cfg, spec, paths, step, emit)
+            emit(events.Phase("sampling", f"Drawing samples at step {step}…", step))
+            with clock.sampling(step):
+                _samples(pipe, cfg, spec, paths, step, emit)
     if status in ("paused", "interrupted"):  # what resume needs, and nothing else: the next call continues
         if w.main and (state["step"] > first_step or status == "paused"):
             _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
@@ -319,16 +324,59 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         emit(events.Finished(status, state["step"], message))
         return RunResult(paths.root, status, state["step"], None, message)
     if w.main:  # every rank holds the same weights; one writes them
+        emit(events.Phase("exporting", "Saving the adapter, exporting and checking its files…", state["step"]))
         _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
         _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
         _export(adapter, pipe, paths, emit, state["step"])
         if status == "completed":
+            if cfg.sample_prompts:
+                emit(events.Phase("final_sample", "Drawing the final sample…", state["step"]))
             _samples(pipe, cfg, spec, paths, state["step"], emit)
     distributed.barrier(w)  # no rank returns before the files exist
     message = (f"Cancelled at step {state['step']}; the adapter so far is saved." if status == "cancelled"
                else f"Finished {state['step']} steps.")
     emit(events.Finished(status, state["step"], message, "adapter"))
     return RunResult(paths.root, status, state["step"], paths.adapter, message)
+
+
+class _Clock:
+    """The time a run is told before most of it runs. The first step of a process also warms up (allocations,
+    kernels), so the second step is the probe: its time times the steps left, plus one sample round's time
+    times the rounds left once one was drawn. A new Estimate follows the first sample round, when it is known."""
+
+    def __init__(self, cfg: TrainConfig, first_step: int, emit):
+        self.cfg, self.first_step, self.emit = cfg, first_step, emit
+        self.last = time.perf_counter()
+        self.step_s: float | None = None
+        self.sample_s: float | None = None
+
+    def stepped(self, step: int) -> None:
+        now, before = time.perf_counter(), self.last
+        self.last = now
+        if step == self.first_step + 2 and step < self.cfg.steps:
+            self.step_s = now - before
+            self._tell(step)
+
+    @contextmanager
+    def sampling(self, step: int):
+        start = time.perf_counter()
+        yield
+        self.last = time.perf_counter()  # the next step's time excludes the samples
+        if self.sample_s is None:
+            self.sample_s = self.last - start
+            if self.step_s is not None:
+                self._tell(step)
+
+    def _tell(self, step: int) -> None:
+        cfg, left = self.cfg, self.cfg.steps - step
+        rounds = (sum(1 for s in range(step + 1, cfg.steps) if cfg.sample_every and s % cfg.sample_every == 0)
+                  + 1) if cfg.sample_prompts else 0  # the rounds to come and the final sample
+        seconds = self.step_s * left + (self.sample_s or 0.0) * rounds
+        samples = (f" and {rounds} sample round(s) ({self.sample_s:.1f} s each)" if self.sample_s is not None
+                   else " (samples not yet timed)" if rounds else "")
+        self.emit(events.Estimate(seconds, left, "step", self.step_s,
+                                  f"About {events.clock(seconds)} for the {left} steps left ({self.step_s:.2f} s a "
+                                  f"step){samples}, then saving and checking the adapter's files."))
 
 
 def _stopped_before_training(paths: RunPaths, emit, status: str) -> RunResult:
@@ -685,8 +733,8 @@ def _samples(pipe, cfg: TrainConfig, spec: DatasetSpec, paths: RunPaths, step: i
     files = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed_key(cfg.seed + i))  # same noise at every step: comparable
-        image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=generator,
-                     height=cfg.resolution, width=cfg.resolution).images[0]
+        image = pipe(prompt, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
+                     generator=generator, height=cfg.resolution, width=cfg.resolution).images[0]
         out = paths.sample(step, i)
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
