@@ -7,6 +7,11 @@ reload mid-run and still see the run, wait for the loss plot; generate base and 
 and move the scale slider; run a small evaluation. Screenshots of each tab are written to
 docs/screenshots/ on every run (the README shows them).
 
+Two more flows share the app and the browser: every preset picked in the Train tab trains its own
+method and values (tiny model, one step); and the README's walkthrough as a newcomer's fresh browser
+does it (the demo images, the built-in model, a 6-step run), with reloads that keep the forms and a
+check that the idle page stops polling.
+
 Needs Debian's chromium (`shutil.which("chromium")`); never downloads a browser. Without it the
 test is skipped, unless STUDIO_REQUIRE_BROWSER=1 (CI), where it fails.
 """
@@ -21,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -249,7 +255,7 @@ def test_concept_studio_in_a_browser(page, app_url, photos):
     expect(status).to_contain_text(run_id)
 
     # A reload while it trains still shows the run: the job lives in the server, not the page. (A second
-    # page, so this one keeps its form for the screenshot: a fresh page shows the form's defaults.)
+    # page, so this one stays as it is for the screenshot.)
     other = page.context.new_page()
     other.goto(app_url["url"])
     for reload in (False, True):
@@ -409,3 +415,185 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
     assert config["method"] == "lora" and config["prior_preservation"] is True
     assert same(config["learning_rate"], dreambooth["learning_rate"])
     stop_run(page, run_id)
+
+
+# --- the README's walkthrough, in the UI ---------------------------------------------------------------------------
+
+DEMO = REPO / "assets" / "demo-concept"
+WALKTHROUGH_STEPS = 6  # typed into the form instead of the README's count, to keep the test short
+
+
+def readme_walkthrough() -> dict:
+    """What the README's walkthrough says to do: its train recipe, generate prompts and guidance, evaluate contexts."""
+    import shlex
+
+    from studio.config import coerce, load_preset
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Walkthrough"):]
+    section = section[:section.index("\n## ")]
+    commands = [shlex.split(c.replace("\\\n", " ")) for c in re.findall(r"python -m studio ((?:\\\n|[^\n])+)", section)]
+    train = next(c for c in commands if c[0] == "train")
+    recipe = {}
+    if "--preset" in train:
+        recipe |= load_preset(train[train.index("--preset") + 1])
+    for flag, key in (("--method", "method"), ("--steps", "steps")):
+        if flag in train:
+            recipe[key] = coerce(key, train[train.index(flag) + 1])
+    for i, word in enumerate(train):
+        if word == "--set":
+            key, value = train[i + 1].split("=", 1)
+            recipe[key] = coerce(key, value)
+    generate = next(c for c in commands if c[0] == "generate")
+    evaluate = next(c for c in commands if c[0] == "evaluate")
+    prep = next(c for c in commands if c[0] == "prep")
+    return dict(recipe=recipe, prompt=generate[generate.index("--prompt") + 1],
+                guidance=float(generate[generate.index("--guidance") + 1]) if "--guidance" in generate else 7.5,
+                contexts=[evaluate[i + 1] for i, w in enumerate(evaluate) if w == "--context"],
+                eval_guidance=float(evaluate[evaluate.index("--guidance") + 1]) if "--guidance" in evaluate else None,
+                token=prep[prep.index("--token") + 1], class_word=prep[prep.index("--class-word") + 1],
+                text=section)
+
+
+def image_of(page, elem_id: str):
+    """The picture an image component shows, fetched as the browser has it."""
+    import io
+
+    from PIL import Image
+
+    src = page.locator(f"#{elem_id} img").first.get_attribute("src")
+    if not src.startswith("data:"):
+        src = urllib.parse.urljoin(page.url, src)
+    body = page.request.get(src).body() if not src.startswith("data:") else None
+    if body is None:
+        import base64
+
+        body = base64.b64decode(src.split(",", 1)[1])
+    return Image.open(io.BytesIO(body)).convert("RGB")
+
+
+def idle_requests(page, seconds: float) -> int:
+    """Requests the page sends to the server in `seconds` while nobody touches it."""
+    sent = []
+    listener = lambda request: sent.append(request.url) if "/gradio_api/" in request.url else None  # noqa: E731
+    page.on("request", listener)
+    page.wait_for_timeout(seconds * SECOND)
+    page.remove_listener("request", listener)
+    return len(sent)
+
+
+def test_readme_walkthrough_in_the_ui(page, app_url):
+    """'The same steps work in the UI: Dataset (upload the six images, token sks, class shape), Train, Playground,
+    Evaluate': a newcomer's fresh browser, the README's settings, a shorter run."""
+    import pandas as pd
+    import yaml
+    from playwright.sync_api import expect
+
+    from studio.config import build_config, list_presets
+
+    readme = readme_walkthrough()
+    assert "The same steps work in the UI" in readme["text"]
+    workspace: Path = app_url["workspace"]
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})  # nothing kept from before
+    context.set_default_timeout(30 * SECOND)
+    page = context.new_page()
+    page.goto(app_url["url"])
+
+    # Dataset: the six images; the trigger word and class word the built-in model needs are already there.
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in sorted(DEMO.glob("*.png"))])
+    expect(page.locator("#dataset-upload tbody tr")).to_have_count(6, timeout=30 * SECOND)
+    expect(page.locator("#dataset-token textarea, #dataset-token input").first).to_have_value(readme["token"])
+    expect(page.locator("#dataset-class-word textarea, #dataset-class-word input").first).to_have_value(
+        readme["class_word"])
+    page.locator("#dataset-prepare").click()
+    expect(page.locator("#dataset-gallery img")).to_have_count(6, timeout=30 * SECOND)
+    page.locator("#dataset-name input, #dataset-name textarea").first.fill("crescent")
+    page.locator("#dataset-save").click()
+    expect(page.locator("#dataset-saved")).to_contain_text("Saved 6 images", timeout=30 * SECOND)
+    expect(page.locator("#dataset-saved")).not_to_contain_text("Warning")
+    captions = sorted((workspace / "datasets" / "crescent" / "images").glob("*.txt"))
+    assert [c.read_text() for c in captions] == [f"a photo of {readme['token']} {readme['class_word']}"] * 6
+
+    # Train: the built-in model starts from the walkthrough's recipe; only the step count is typed.
+    open_tab(page, "Train")
+    expect(page.locator("#train-dataset input[role=combobox]")).to_have_value("crescent", timeout=15 * SECOND)
+    recipe = readme["recipe"]
+    assert "demo" in list_presets(), "presets/demo.yaml (the walkthrough's recipe) is missing"
+    expect(page.locator("#train-preset input[role=combobox]")).to_have_value("demo")
+    demo = build_config("demo").to_dict()
+    expect(page.locator("#train-method input[role=combobox]")).to_have_value(demo["method"])
+    expect(page.locator("#train-batch_size input")).to_have_value(str(demo["batch_size"]))
+    type_into(page, "steps", WALKTHROUGH_STEPS)
+    shown_before = page.locator("#train-run input[role=combobox]").input_value()
+    page.locator("#train-start").click()
+    run_id = wait_for_run(page, workspace, shown_before)
+    run = workspace / "runs" / run_id
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == "builtin" and config["steps"] == WALKTHROUGH_STEPS
+    resolved = ("model", "dataset", "steps", "resolution")  # the run writes these resolved, or typed them
+    assert {k: v for k, v in config.items() if k not in resolved} == {
+        k: v for k, v in demo.items() if k not in resolved}
+    # What the README's train command sets, the UI run has too (checked at the end, after the whole walk).
+    differs = {k: (config[k], v) for k, v in recipe.items() if k != "steps" and not same(config[k], v)}
+
+    # A reload while it trains keeps the form as typed, and the run.
+    page.reload()
+    open_tab(page, "Train")
+    expect(page.locator("#train-run input[role=combobox]")).to_have_value(run_id, timeout=15 * SECOND)
+    expect(page.locator("#train-steps input")).to_have_value(str(WALKTHROUGH_STEPS))
+    expect(page.locator("#train-dataset input[role=combobox]")).to_have_value("crescent")
+    status = page.locator("#train-status")
+    expect(status).to_contain_text(f"completed: Finished {WALKTHROUGH_STEPS} steps.", timeout=240 * SECOND)
+    assert (run / "adapter").is_dir() and list((run / "samples").glob("*.png"))
+    # Idle, the page stops asking the server for news.
+    assert idle_requests(page, 3) <= 1
+
+    # Playground: the README's prompt and guidance; the LoRA changes the picture.
+    open_tab(page, "Playground")
+    choose(page, "play-adapter-0", run_id)
+    page.locator("#play-prompt textarea, #play-prompt input").first.fill(readme["prompt"])
+    set_number(page, page.get_by_label("number input for Guidance"), readme["guidance"])
+    page.locator("#play-generate").click()
+    expect(page.locator("#play-timing")).to_contain_text("rendered in", timeout=90 * SECOND)
+    base, adapted = image_of(page, "play-base"), image_of(page, "play-adapted")
+    assert base.size == adapted.size
+    assert _difference(base, adapted) > 1.0, "the LoRA did not change the picture"
+
+    # Evaluate: the README's contexts and CLIP are the defaults; fewer images are typed.
+    page.locator("body").press("Escape")
+    open_tab(page, "Evaluate")
+    expect(page.get_by_label("Contexts (one per line)")).to_have_value("\n".join(readme["contexts"]))
+    expect(page.get_by_label("CLIP model")).to_have_value("builtin")
+    choose(page, "eval-runs", run_id)
+    page.locator("#eval-runs input[role=combobox]").press("Escape")
+    choose(page, "eval-dataset", "crescent")
+    set_number(page, page.get_by_label("Images per prompt"), 1)
+    set_number(page, page.get_by_label("Denoising steps"), 4)
+    # as many prompts of each kind as there are contexts, so both contexts are drawn
+    set_number(page, page.get_by_label("Prompts per kind (0: all)"), len(readme["contexts"]))
+    before = set(workspace.joinpath("evals").glob("*")) if workspace.joinpath("evals").is_dir() else set()
+    page.locator("#eval-start").click()
+    eval_status = page.locator("#eval-status")
+    expect(eval_status).to_contain_text("of 1 run(s)", timeout=180 * SECOND)
+    (folder,) = set(workspace.joinpath("evals").glob("*")) - before
+    images = pd.read_csv(folder / "results.csv")
+    for context_words in readme["contexts"]:
+        assert images["prompt"].str.contains(context_words, regex=False).any(), context_words
+    summary = pd.read_csv(folder / "summary.csv").set_index("point")
+    for point in ("base model", next(p for p in summary.index if p.startswith(run_id))):
+        assert pd.notna(summary.loc[point, "image_similarity"]) and pd.notna(summary.loc[point, "prompt_similarity"])
+    settings = yaml.safe_load((folder / "evaluation.yaml").read_text())["config"]
+    # The built-in model's guidance: the evaluate command's, or else the one its generate commands use.
+    assert settings["guidance"] == (readme["eval_guidance"] or readme["guidance"])
+    assert settings["seeds"] == 1 and settings["steps"] == 4
+    expect(page.locator("#eval-table")).to_contain_text(run_id, timeout=15 * SECOND)
+
+    # A reload keeps the evaluation's settings beside its results.
+    page.reload()
+    open_tab(page, "Evaluate")
+    expect(page.get_by_label("Images per prompt")).to_have_value("1", timeout=15 * SECOND)
+    expect(page.get_by_label("Denoising steps")).to_have_value("4")
+    expect(page.locator("#eval-runs")).to_contain_text(run_id)
+    expect(page.locator("#eval-table")).to_contain_text(run_id, timeout=15 * SECOND)
+    context.close()
+    assert not differs, f"the demo preset and the README's train command disagree (UI run, README): {differs}"
