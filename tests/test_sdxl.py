@@ -236,7 +236,8 @@ def test_embedding_file_is_sdxl_format_and_reloads_through_diffusers(ti, sdxl_mo
     state = load_file(str(run_dir / "adapter" / embedding.WEIGHTS))
     assert {k: tuple(v.shape) for k, v in state.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
     reports = checks.read_reports(run_dir / "adapter")
-    assert [r.format for r in reports] == ["sdxl-embedding"] and all(r.ok for r in reports)
+    assert [r.format for r in reports] == ["sdxl-embedding", "a1111-embedding"] and all(r.ok for r in reports)
+    assert reports[1].file == embedding.a1111_file("sks")  # the same contents, named after the trigger word
     plain = plain_pipeline(sdxl_model)  # as diffusers' docs load SDXL embeddings: once per encoder
     plain.load_textual_inversion(state["clip_l"], token="sks", text_encoder=plain.text_encoder,
                                  tokenizer=plain.tokenizer)
@@ -338,7 +339,8 @@ def test_sdxl_kohya_export_uses_ldm_names_and_verifies(dataset_dir, tmp_path, me
     result = train.run(config(dataset_dir, method=method, steps=3, **extra), tmp_path / "run")
     assert result.status == "completed", result.message
     reports = checks.read_reports(result.run_dir / "adapter")
-    assert [r.format for r in reports] == ["kohya"] and reports[0].ok, reports[0].summary()
+    formats = ["kohya", "full-diff"] if method == "dora" else ["kohya"]  # DoRA merged, for ComfyUI and A1111
+    assert [r.format for r in reports] == formats and all(r.ok for r in reports), [r.summary() for r in reports]
     keys = load_file(str(result.run_dir / "adapter" / lora.KOHYA_WEIGHTS))
     assert all(k.startswith("lora_unet_") for k in keys)
     assert all("down_blocks" not in k and "up_blocks" not in k for k in keys)  # SDXL files: LDM layout
