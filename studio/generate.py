@@ -57,6 +57,19 @@ def is_file_choice(choice: AdapterChoice) -> bool:
     return Path(choice.path).is_file() or Path(choice.path).suffix.lower() in (".safetensors", *community.PICKLE_SUFFIXES)
 
 
+def suggested_prompt(path: str) -> str | None:
+    """The prompt a chosen adapter suggests: a run's trigger and class words ("a photo of sks shape"), an
+    embedding file's word ("a photo of NAME"); None for a LoRA file or anything unreadable."""
+    if is_file_choice(AdapterChoice(path)):
+        word = community.embedding_word(Path(path))
+        return f"a photo of {word}" if word else None
+    try:
+        meta = adapters.read_meta(adapters.find_adapter_dir(Path(path)))
+    except StudioError:
+        return None
+    return " ".join(w for w in ("a photo of", meta.token, meta.class_word) if w)
+
+
 @dataclass(frozen=True)
 class _Loaded:
     version: str  # modification time and size of the weights file
@@ -235,6 +248,15 @@ class Playground:
             module = community.load(pipe, path, name)
         self._loaded[str(path)] = _Loaded(version, name, module, path, module.report.kind)
         return self._loaded[str(path)]
+
+    def native_size(self) -> int:
+        """Pixels of the last pipeline used (its native size); 0 before any."""
+        pipe = self._pipe
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor) if pipe is not None else 0
+
+    def scheduler_name(self) -> str:
+        """The diffusers scheduler class of the last pipeline used ("" before any)."""
+        return type(self._pipe.scheduler).__name__ if self._pipe is not None else ""
 
     def file_report(self, model: str, path: str) -> community.FileReport:
         """Load a LoRA/embedding file onto `model` (once per version of the file) and say what reached it."""

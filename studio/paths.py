@@ -206,6 +206,16 @@ class Workspace:
     def evals(self) -> Path:
         return self.root / "evals"
 
+    @property
+    def adapter_files(self) -> Path:
+        """LoRA and embedding files from other tools added in the Playground (kept for the next visit)."""
+        return self.root / "adapter-files"
+
+    def list_adapter_files(self) -> list[str]:
+        if not self.adapter_files.is_dir():
+            return []
+        return sorted(p.name for p in self.adapter_files.glob("*.safetensors") if p.is_file())
+
     def dataset(self, name: str) -> DatasetPaths:
         return DatasetPaths(self.datasets / safe_name(name, "dataset"))
 

@@ -499,6 +499,22 @@ def embedding_token(file: str) -> str:
     return re.sub(r"\s+", "-", Path(file).stem.strip()) or "embedding"
 
 
+def embedding_word(path: Path) -> str | None:
+    """The prompt word of an embedding file, read from its key names alone; None for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if _looks_like_pickle(Path(path)):
+            return None
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError):
+        return None
+    embedding = set(keys) & {"emb_params", "clip_l", "clip_g"} or any(k.startswith("string_to_param") for k in keys) \
+        or (len(keys) == 1 and "." not in keys[0])
+    return embedding_token(Path(path).name) if embedding else None
+
+
 def load_embedding(pipe, file: str, tensors: dict) -> FileReport:
     """Add the file's vector(s) as new tokens of the text encoder(s), through diffusers' loader."""
     check_family(file, "embedding", embedding_family(tensors), base_family(pipe))

@@ -55,18 +55,21 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         # Opening a tab lists what is on disk now: a dataset saved or a run started a moment ago is offered.
         train_page.select(lambda cur: _datasets_update(studio, cur), [train["dataset"]], [train["dataset"]],
                           show_progress="hidden")
-        play_page.select(lambda: [gr.update(choices=studio.workspace.list_runs()) for _ in play["pickers"]],
-                         None, play["pickers"], show_progress="hidden")
+        play_page.select(lambda rows: playground_tab.adapter_options(studio, [r["value"] for r in rows]),
+                         [play["rows"]], [play["options"]], show_progress="hidden")
         eval_page.select(lambda cur: (gr.update(choices=studio.workspace.list_runs()), _datasets_update(studio, cur)),
                          [ev["dataset"]], [ev["runs"], ev["dataset"]], show_progress="hidden")
-        # The evaluation's recommendation, one click away: its run (or checkpoint) and scale in slot 1.
-        ev["open"].click(lambda rec: _open_recommendation(studio, rec), [ev["best"]],
-                         [tabs, play["pickers"][0], play["sliders"][0]], show_progress="hidden")
+        # The evaluation's recommendation, one click away: its run (or checkpoint) and scale as the adapter,
+        # and the prompt in the run's own words.
+        ev["open"].click(lambda rec, text, auto: _open_recommendation(studio, rec, text, auto),
+                         [ev["best"], play["prompt"], play["auto"]],
+                         [tabs, play["rows"], play["options"], play["prompt"], play["auto"], play["saved_rows"]],
+                         show_progress="hidden")
         api.register(studio)  # named endpoints for scripts (gradio_client), per session like a browser
         # Each browser keeps a random token in its local storage; a shared studio maps it to a workspace.
         token = gr.BrowserState(None, storage_key="concept-studio-session")
         loaded = app.load(lambda saved: (studio.bind(saved), *_on_load(studio)), [token],
-                          [token, train["dataset"], train["runs"], *play["pickers"], ev["runs"], ev["dataset"],
+                          [token, train["dataset"], train["runs"], play["options"], ev["runs"], ev["dataset"],
                            ev["folder"]])
         # Then each form as the person left it (kept in the browser), over the lists just loaded.
         for tab in (train, play, ev):
@@ -82,18 +85,17 @@ def _on_load(studio: Studio):
     shown = job.label if job is not None and job.kind == "train" else (runs[0] if runs else None)
     return (gr.update(choices=datasets, value=datasets[0] if datasets else None),
             gr.update(choices=runs, value=shown),
-            *[gr.update(choices=runs) for _ in range(playground_tab.SLOTS)],
+            playground_tab.adapter_options(studio),
             gr.update(choices=runs), gr.update(choices=datasets, value=datasets[0] if datasets else None),
             evaluate_tab.latest_folder(studio))
 
 
-def _open_recommendation(studio: Studio, rec: dict | None):
+def _open_recommendation(studio: Studio, rec: dict | None, prompt: str, auto: str):
     if not rec:
-        return gr.update(), gr.update(), gr.update()
+        return (gr.update(),) * 6
     value = evaluate_tab.playground_value(rec)
-    runs = studio.workspace.list_runs()
-    return (gr.Tabs(selected="playground"), gr.update(choices=sorted(set(runs) | {value}), value=value),
-            gr.update(value=rec["scale"], visible=True))
+    rows, _, prompt, auto, saved = playground_tab.open_run(studio, value, rec["scale"], prompt, auto)
+    return gr.Tabs(selected="playground"), rows, playground_tab.adapter_options(studio, [value]), prompt, auto, saved
 
 
 def _datasets_update(studio: Studio, current: str | None):
