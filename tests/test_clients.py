@@ -140,6 +140,12 @@ def test_a_wrong_weight_fails_the_client_check(exported):
         check = clients.check_file(state, layout, client)
         assert check.matched == check.total and not check.exact
         assert check.max_rel_diff > 10 * clients.TOLERANCE
+    if family == "sdxl":  # A1111 applies OpenCLIP-G's q/k/v/out_proj together or not at all
+        layer = "lora_te2_text_model_encoder_layers_0_self_attn_"
+        del state[layer + "q_proj.lora_up.weight"], state[layer + "q_proj.lora_down.weight"], state[layer + "q_proj.alpha"]
+        check = clients.check_file(state, layout, clients.A1111, compare=False)
+        assert any(u.startswith(layer + "k_proj") for u in check.unmatched)
+        assert check.total - check.matched == 9  # k, v, out_proj: down, up, alpha each
 
 
 # ----------------------------------------------------------------------------- embeddings

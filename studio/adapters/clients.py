@@ -497,9 +497,20 @@ def apply_a1111(state: dict, layout: Layout) -> _Applied:
     mapping = a1111_layer_mapping(layout)
     hits = {name: a1111_lookup(name, mapping) for name in {k.partition(".")[0] for k in state}}
     groups = _group(state, {n for n, (_, hit) in hits.items() if hit is not None})
+    # networks.py `network_apply_weights`: a MultiheadAttention (SDXL's OpenCLIP-G) takes its q/k/v and
+    # out_proj updates together, only when the file has all four; out_proj alone is never applied there.
+    attn = {}
+    for name, (key, hit) in hits.items():
+        layer = re.match(r"(1_model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key) if hit else None
+        if layer:
+            attn.setdefault(layer.group(1), set()).add(layer.group(2))
+    complete = {layer for layer, parts in attn.items() if len(parts) == 4}
 
     def rule(name, params):
-        hit = hits[name][1]
+        key, hit = hits[name]
+        layer = re.match(r"(1_model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key)
+        if layer and layer.group(1) not in complete:
+            raise KeyError("a MultiheadAttention needs q, k, v and out_proj updates together")
         if isinstance(hit, Target):
             return [(hit, a1111_weight(params, layout.weight(hit)))]
         _, component, layer, which = hit  # OpenCLIP MultiheadAttention: the updown of one of q/k/v
