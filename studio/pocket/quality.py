@@ -5,7 +5,8 @@ these; tests/test_pocket.py checks a few of them on a small scale).
 - `generation_match`: the pocket model draws held-out captions; the pocket CLIP names the shape and
   colour of each image among the captions that differ from its own only in shape and colour (30-36),
   and the full caption among all held-out captions;
-- `demo_dataset`: the demo concept's images as a studio dataset, for the LoRA walkthrough.
+- `demo_dataset`: the demo concept's images as a studio dataset, for the LoRA walkthrough;
+- `walkthrough_commands`: the README walkthrough's commands, which the walkthrough test and the bench run.
 """
 
 from __future__ import annotations
@@ -18,14 +19,44 @@ import torch
 
 from studio.pocket import world
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-concept"
+REPO = Path(__file__).resolve().parents[2]
+DEMO_DIR = REPO / "assets" / "demo-concept"
 DEMO_TOKEN, DEMO_CLASS = "sks", "shape"
-# The LoRA settings the walkthrough, the bench and the test use. One image a step (the studio's default)
-# taught the pocket model nothing in 150 steps; eight a step, with Min-SNR weighting (what the pocket UNet
-# itself trained with), learns the crescent. With pocket weights version 4, 60 steps beat 100 and 150 on
-# both image and prompt similarity (bench_pocket's protocol; longer runs paint the concept's white and grey
-# backgrounds into "on a red background"): see the model card.
-DEMO_RECIPE = dict(steps=60, batch_size=8, learning_rate=3e-3, min_snr_gamma=5.0)
+README = REPO / "README.md"
+WALKTHROUGH_HEADING = "### Walkthrough: teach it a shape it has never seen"
+
+
+def demo_recipe() -> dict:
+    """The walkthrough's training settings: presets/demo.yaml (`--preset demo`), which says why each is so."""
+    from studio.config import load_preset
+
+    return load_preset("demo")
+
+
+# The preset's settings without its samples: what the bench and the tests train with.
+DEMO_RECIPE = {k: v for k, v in demo_recipe().items() if not k.startswith("sample_")}
+
+
+def walkthrough_commands(readme: Path = README) -> list[list[str]]:
+    """The README walkthrough's commands, as the words after `python -m studio`, read from the first code
+    block under its heading (continuation lines joined). The walkthrough test and the bench run exactly
+    these, so what the README tells a user to type is what is measured."""
+    import shlex
+
+    text = readme.read_text(encoding="utf-8")
+    if WALKTHROUGH_HEADING not in text:
+        raise ValueError(f"{readme} has no section '{WALKTHROUGH_HEADING}'")
+    section = text.split(WALKTHROUGH_HEADING, 1)[1]
+    block = section.split("```", 2)[1].split("\n", 1)[1]  # the first fenced block, without its info string
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line)
+        if not words:
+            continue
+        if words[:3] != ["python", "-m", "studio"]:
+            raise ValueError(f"walkthrough line is not a studio command: {line!r}")
+        commands.append(words[3:])
+    return commands
 
 
 @dataclass
