@@ -225,8 +225,8 @@ def prediction_type(header: Header, fam: str) -> tuple[str, str]:
                               "it.") from None
         if isinstance(params, dict) and "parameterization" in params:
             pred = "v_prediction" if params["parameterization"] == "v" else "epsilon"
-            return pred, f"{sidecar.name} (parameterization)"
-        return "epsilon", f"{sidecar.name} (no parameterization: epsilon)"
+            return pred, f"{sidecar.name} beside the file"
+        return "epsilon", f"{sidecar.name} beside the file, which sets no parameterization"
     spec = header.metadata.get("modelspec.prediction_type", "").strip().lower()
     if spec in ("v", "v_prediction", "epsilon", "eps"):
         return ("v_prediction" if spec.startswith("v") else "epsilon"), "modelspec.prediction_type"
@@ -240,8 +240,8 @@ def prediction_type(header: Header, fam: str) -> tuple[str, str]:
             with safe_open(str(header.path), "pt") as handle:
                 bias = handle.get_tensor(key).float()
             if float(bias.std(unbiased=False)) > 0.09:
-                return "v_prediction", "its last attention block's weights (ComfyUI's SD 2.x test)"
-            return "epsilon", "its last attention block's weights (ComfyUI's SD 2.x test)"
+                return "v_prediction", "ComfyUI's SD 2.x test of the last attention block's weights"
+            return "epsilon", "ComfyUI's SD 2.x test of the last attention block's weights"
     return "epsilon", "the family's default"
 
 
