@@ -2,6 +2,7 @@
 
     python bench/bench_pocket.py              # everything: ~10 min on 2 CPU cores
     python bench/bench_pocket.py --skip-lora  # retrieval and generation only
+    python bench/bench_pocket.py --walkthrough-only  # the README walkthrough only
 
 Three figures, printed with their targets (nothing is asserted; a target missed prints MISSED):
 
@@ -12,10 +13,10 @@ Three figures, printed with their targets (nothing is asserted; a target missed 
    (30-36 of them). Target: both right >= 70%.
    The same measure on the real renderings of those scenes is printed beside it as the ceiling, and on
    those renderings passed through the pocket VAE (encoded and decoded), which bounds what generation shows.
-3. The demo concept: a LoRA trained with the studio's own loop (studio.train.run) on
-   assets/demo-concept within 3 minutes, then the studio's evaluation protocol
-   (studio.evaluate.protocol.evaluate): image similarity to the concept should rise clearly above
-   the base model's, prompt similarity should stay near the base model's.
+3. The README's walkthrough (prep, train with --preset demo, two generate commands, evaluate), its commands
+   read out of README.md and run word for word in a fresh working directory: each command's time, the
+   estimate training printed, the two images, the training samples, and the evaluation's image similarity
+   to the concept and prompt similarity, base model against the LoRA: the figures the README quotes.
 
 The script sets HF_HUB_OFFLINE=1 and uses a temporary STUDIO_CACHE and workspace it deletes at the end.
 """
@@ -29,26 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-DEMO_CONTEXTS = ["on a red background", "on a blue background", "on a white background, on the left"]
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generated image")
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0],
-                        help="classifier-free guidance scales to measure generation at; the first one serves the demo")
-    from studio.pocket.quality import DEMO_RECIPE
-
-    parser.add_argument("--lora-steps", type=int, default=DEMO_RECIPE["steps"])
-    parser.add_argument("--lora-lr", type=float, default=DEMO_RECIPE["learning_rate"])
-    parser.add_argument("--lora-batch", type=int, default=DEMO_RECIPE["batch_size"])
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the demo evaluation")
-    parser.add_argument("--skip-lora", action="store_true")
+                        help="classifier-free guidance scales to measure generation at")
+    parser.add_argument("--skip-lora", action="store_true", help="leave out the README walkthrough (3.)")
+    parser.add_argument("--walkthrough-only", action="store_true", help="only the README walkthrough (3.)")
     parser.add_argument("--clip", default="builtin", help="the judging CLIP: 'builtin' (assets/pocket-clip) or a folder")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pocket-"))
@@ -62,6 +56,12 @@ def main(argv=None) -> int:
     from studio.pocket import quality
 
     print(f"torch threads {args.threads}; model {models.builtin_dir()}")
+    if args.walkthrough_only:
+        demo_lora(args, tmp)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     clip = ClipEmbedder(args.clip)
     held = quality.held_out_scenes()
     t0 = time.perf_counter()
@@ -101,39 +101,53 @@ def main(argv=None) -> int:
 
 
 def demo_lora(args, tmp: Path) -> None:
-    from studio import train
-    from studio.config import build_config
-    from studio.evaluate.protocol import EvalConfig, evaluate
+    """The README's walkthrough, command for command (read out of README.md), in a fresh working directory
+    that holds the clone's assets/ as a user's checkout does: the figures it prints are what a user gets."""
+    import csv
+    import subprocess
+
     from studio.pocket import quality
 
-    data = tmp / "demo"
-    quality.demo_dataset(data)
-    recipe = dict(quality.DEMO_RECIPE, steps=args.lora_steps, learning_rate=args.lora_lr, batch_size=args.lora_batch)
-    cfg = build_config(values=dict(model="builtin", dataset=str(data), method="lora", **recipe, rank=args.lora_rank,
-                                   alpha=float(args.lora_rank), sample_every=0, checkpoint_every=0, sample_prompts=[]))
-    t0 = time.perf_counter()
-    result = train.run(cfg, tmp / "runs" / "demo-lora")
-    seconds = time.perf_counter() - t0
-    print(f"\n3. LoRA on the demo concept: {result.status}, {result.step} steps, rank {args.lora_rank}, "
-          f"lr {args.lora_lr}, batch {args.lora_batch}, {seconds:.0f} s including loading  target <= 180 s: {_verdict(seconds <= 180)}")
-    ev = evaluate(EvalConfig(dataset=str(data), runs=[str(result.run_dir)], model="builtin", clip=args.clip,
-                             dino="none", kinds=["context"], contexts=DEMO_CONTEXTS, seeds=args.seeds,
-                             steps=args.steps, guidance=args.guidance[0]), tmp / "eval")
-    table = ev.table.set_index("point")
-    print(table[["kind", "image_similarity", "prompt_similarity", "n_images"]].to_string(float_format="%.3f"))
-    base, run = table.loc["base model"], table[table["kind"] == "run"].iloc[0]
-    ceiling = table.loc["dataset", "image_similarity"]
-    rise = run["image_similarity"] - base["image_similarity"]
-    change = run["prompt_similarity"] - base["prompt_similarity"]
-    print(f"   image similarity {base['image_similarity']:.3f} -> {run['image_similarity']:.3f} ({rise:+.3f}; "
-          f"the dataset against itself: {ceiling:.3f}); prompt similarity {base['prompt_similarity']:.3f} -> "
-          f"{run['prompt_similarity']:.3f} ({change:+.3f})")
-    print(f"   contexts: {DEMO_CONTEXTS}; {args.seeds} seeds per prompt")
+    cwd = tmp / "user"
+    cwd.mkdir()
+    (cwd / "assets").symlink_to(REPO / "assets", target_is_directory=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads))
+    print(f"\n3. the README walkthrough, as a user types it (in {cwd}):")
+    for words in quality.walkthrough_commands():
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "studio", *words], cwd=cwd, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        print(f"   python -m studio {' '.join(words[:1])} ... [{seconds:.0f} s, exit {done.returncode}]")
+        if done.returncode:
+            print(done.stdout[-2000:], done.stderr[-2000:])
+            return
+        if words[0] in ("generate",):
+            name = words[words.index("--out") + 1]
+            shown = Path(tempfile.gettempdir()) / f"bench-pocket-walkthrough-{name}"
+            shown.write_bytes((cwd / name).read_bytes())
+            print(f"      {shown}")
+        if words[0] == "train":
+            run = cwd / words[words.index("--out") + 1]
+            for line in done.stdout.splitlines():
+                if line.startswith("About "):
+                    print(f"      told before training: {line}")
+        if words[0] == "evaluate":
+            out = cwd / words[words.index("--out") + 1]
+    rows = {r["point"]: r for r in csv.DictReader((out / "summary.csv").open(encoding="utf-8"))}
+    base = rows["base model"]
+    lora = next(r for r in rows.values() if r["kind"] == "run")
+    number = lambda row, key: float(row[key])  # noqa: E731
+    print(f"   image similarity {number(base, 'image_similarity'):.3f} -> {number(lora, 'image_similarity'):.3f} "
+          f"(the dataset against itself: {number(rows['dataset'], 'image_similarity'):.3f}); prompt similarity "
+          f"{number(base, 'prompt_similarity'):.3f} -> {number(lora, 'prompt_similarity'):.3f}; "
+          f"{lora['n_images']} images a point")
+    samples = sorted((run / "samples").glob("*.png"))
+    if samples:
+        _save_grid([Image.open(f).convert("RGB") for f in samples],
+                   Path(tempfile.gettempdir()) / "bench-pocket-walkthrough-samples.png", cols=len(samples))
 
 
 def _save_grid(images, path: Path, cols: int = 12) -> None:
-    from PIL import Image
-
     grid = Image.new("RGB", (64 * cols, 64 * ((len(images) + cols - 1) // cols)))
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * 64, (i // cols) * 64))
