@@ -74,7 +74,8 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
 
     form = dict(runs=runs, dataset=dataset, clip=clip, dino=dino, kinds=kinds, per_kind=per_kind, scales=scales,
                 checkpoints=checkpoints, seeds=seeds, steps=steps, guidance=guidance, own=own, contexts=contexts)
-    saved = forms.remember("eval-form", form)
+    done = gr.State(False)  # this page has its form: restored from the browser, or edited
+    saved = forms.remember("eval-form", form, edited=done)
 
     @friendly
     def on_start(data):
@@ -87,7 +88,7 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
             return gr.update(), f"**Not started:** {message}", gr.update()
 
     start.click(on_start, {model_box, *form.values()}, [folder, status, timer]).then(
-        forms.saver(form), list(form.values()), saved, show_progress="hidden")
+        forms.saver(form, edited=done), list(form.values()), [saved, done], show_progress="hidden")
     cancel.click(lambda: _cancel(studio), None, [status])
     drawn = gr.State(None)  # the finished evaluation on the page: redrawn only when it changes
     view = [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn]
@@ -106,7 +107,7 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
         return [*forms.restored(values, list(form), allowed), gr.Timer(active=True)]  # one tick draws `shown`
 
     outputs = [*form.values(), timer]
-    done, once = forms.restore_once(saved, restore, [folder], outputs)
+    once = forms.restore_once(saved, done, restore, [folder], outputs)
     return {"runs": runs, "dataset": dataset, "folder": folder, "open": open_best, "best": best,
             "restore": dict(fn=once, inputs=[saved, done, folder], outputs=[*outputs, done],
                             show_progress="hidden")}

@@ -16,23 +16,23 @@ import gradio as gr
 _SECRET = "concept-studio-form-values"
 
 
-def remember(key: str, controls: dict[str, Any]) -> gr.BrowserState:
-    """A browser-stored dict {name: value} of `controls`, saved whenever a person edits one of them."""
+def remember(key: str, controls: dict[str, Any], edited: gr.State | None = None) -> gr.BrowserState:
+    """A browser-stored dict {name: value} of `controls`, saved whenever a person edits one of them.
+    `edited` (a per-page flag, see `restore_once`) turns True with the first edit."""
     state = gr.BrowserState({}, storage_key=f"concept-studio-{key}", secret=_SECRET)
-    names = list(controls)
-
-    def save(*values):
-        return dict(zip(names, values))
-
-    gr.on([c.input for c in controls.values()], save, inputs=list(controls.values()), outputs=state,
-          show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+    gr.on([c.input for c in controls.values()], saver(controls, edited), inputs=list(controls.values()),
+          outputs=[state] + ([edited] if edited is not None else []), show_progress="hidden",
+          trigger_mode="always_last", api_visibility="private")
     return state
 
 
-def saver(controls: dict[str, Any]) -> Callable:
-    """fn(*values) -> the dict `remember` stores, for handlers that change the form themselves."""
+def saver(controls: dict[str, Any], edited: gr.State | None = None) -> Callable:
+    """fn(*values) -> the dict `remember` stores (and True for `edited`, when given), for handlers that
+    change the form themselves."""
     names = list(controls)
-    return lambda *values: dict(zip(names, values))
+    if edited is None:
+        return lambda *values: dict(zip(names, values))
+    return lambda *values: (dict(zip(names, values)), True)
 
 
 def restored(saved: dict | None, names: list[str], allowed: dict[str, Callable[[Any], bool]] | None = None) -> list:
@@ -46,20 +46,20 @@ def restored(saved: dict | None, names: list[str], allowed: dict[str, Callable[[
     return out
 
 
-def restore_once(state: gr.BrowserState, restore: Callable, inputs: list, outputs: list) -> tuple[gr.State, Callable]:
-    """Apply a stored form once per page, whenever it becomes known.
+def restore_once(state: gr.BrowserState, done: gr.State, restore: Callable, inputs: list,
+                 outputs: list) -> Callable:
+    """Apply a stored form once per page, whenever it becomes known, and never over the person's edits.
 
     Gradio's BrowserState reads local storage when its component mounts, which can come after the page's
     load event has already read the state (then still empty); the stored value then arrives as a change of
     the state. `restore(values, *inputs) -> updates of outputs` runs on whichever comes first with a stored
-    form, and never again on this page (later changes are the person's own edits being saved).
+    form; `done` (a gr.State(False), also set by the first edit: `remember(..., edited=done)`) stops it after
+    that, so a late read never undoes what the person has changed meanwhile.
 
-    Returns (the per-page 'done' flag, fn for the load event: fn(values, done, *inputs) -> (*updates, done)).
+    Returns fn for the page's load event: fn(values, done, *inputs) -> (*updates, done).
     """
-    done = gr.State(False)
-
     def on_load(values, already, *rest):
-        stored = isinstance(values, dict) and bool(values)
+        stored = isinstance(values, dict) and bool(values) and not already
         return [*restore(values if stored else None, *rest), already or stored]
 
     def on_read(values, already, *rest):
@@ -69,4 +69,4 @@ def restore_once(state: gr.BrowserState, restore: Callable, inputs: list, output
 
     state.change(on_read, [state, done, *inputs], [*outputs, done], show_progress="hidden",
                  api_visibility="private")
-    return done, on_load
+    return on_load

@@ -96,8 +96,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
     form = {"dataset": dataset, "preset": preset, "method": method, "run_name": run_name, "model": model_box,
             **fields}
-    saved = forms.remember("train-form", form)
-    save_all = forms.saver(form)
+    done = gr.State(False)  # this page has its form: restored from the browser, or edited
+    saved = forms.remember("train-form", form, edited=done)
+    save_all = forms.saver(form, edited=done)
     shown = [method, *fields.values()]
 
     def on_preset(choice, current_model):
@@ -107,7 +108,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                 gr.update(value=model)]
 
     preset.input(on_preset, [preset, model_box], [*shown, model_box], show_progress="hidden").then(
-        save_all, list(form.values()), saved, show_progress="hidden")
+        save_all, list(form.values()), [saved, done], show_progress="hidden")
 
     @friendly  # anything but a user's mistake: logged, and its gist shown
     def on_start(data):
@@ -119,7 +120,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                 f"**{run_id}** — starting…", gr.Timer(active=True))
 
     start.click(on_start, inputs=set(form.values()), outputs=[runs, status, timer]).then(
-        save_all, list(form.values()), saved, show_progress="hidden")
+        save_all, list(form.values()), [saved, done], show_progress="hidden")
     cancel.click(friendly(lambda: _cancel(studio)), None, [status])
     resume.click(lambda run_id: _on_resume(studio, run_id), [runs], [status, timer])
     timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer],
@@ -135,7 +136,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         return [*forms.restored(values, list(form), allowed), gr.Timer(active=live) if live else gr.update()]
 
     outputs = [*form.values(), timer]
-    done, once = forms.restore_once(saved, restore, [], outputs)
+    once = forms.restore_once(saved, done, restore, [], outputs)
     return {"dataset": dataset, "runs": runs,
             "restore": dict(fn=once, inputs=[saved, done], outputs=[*outputs, done], show_progress="hidden")}
 
