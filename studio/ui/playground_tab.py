@@ -48,10 +48,10 @@ def choice_path(studio: Studio, value: str):
 
 def has_scale(studio: Studio, value: str | None) -> bool:
     """Whether the chosen adapter has a strength; unknown or unfinished runs keep the slider."""
+    if not value:
+        return True  # before importing the adapters (and torch): an empty row is drawn on every page load
     from studio.adapters import community, find_adapter_dir, read_meta
 
-    if not value:
-        return True
     try:
         path = choice_path(studio, value)
         if Path(path).is_file():
