@@ -114,6 +114,23 @@ def test_clients_that_do_not_apply_a_file_exactly_are_told_apart(exported):
         assert reports[0].loader.startswith("lycoris-lora")  # ... which read every module (report ok)
 
 
+def test_lycoris_reads_the_dora_kohya_file_as_the_studio_applies_it(exported):
+    """kohya's tools take DoRA through LyCORIS (network_module lycoris.kohya): lycoris-lora builds a
+    weight-decomposed LoCon module for every layer of the kohya file, each giving the studio's output."""
+    from lycoris.kohya import create_network_from_weights
+
+    family, method, pipe, folder, reports = exported
+    if method != "dora":
+        pytest.skip("DoRA only")
+    weights = {k: v for k, v in load_file(str(folder / lora.KOHYA_WEIGHTS)).items() if k.startswith("lora_unet_")}
+    named, paths = lycoris._layer_view(pipe.unet)
+    with lycoris._no_timestep_embedding_target():
+        network, _ = create_network_from_weights(1.0, None, None, None, named, weights_sd=weights)
+    assert {m.lora_name for m in network.unet_loras} == {k.split(".")[0] for k in weights}
+    assert all(m.wd for m in network.unet_loras)  # dora_scale read: weight decomposition on
+    assert lycoris._compare_layers(pipe.unet, network, paths) < 1e-5
+
+
 def test_lokr_with_locon_loads_in_lycoris_for_every_layer_kind(exported):
     family, method, pipe, folder, reports = exported
     if method != "lokr":
