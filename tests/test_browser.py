@@ -371,7 +371,10 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
 
     workspace: Path = app_url["workspace"]
     prep_folder(photos["good"][0].parent, workspace / "datasets" / "preset-check", "sks", "toy", 64)
-    page.reload()
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})  # a browser of its own
+    context.set_default_timeout(30 * SECOND)
+    page = context.new_page()
+    page.goto(app_url["url"])
     open_tab(page, "Train")
     choose(page, "train-dataset", "preset-check")
     method_box = page.locator("#train-method input[role=combobox]")
@@ -380,8 +383,8 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
         preset, form = load_preset(name), build_config(name).to_dict()
         choose(page, "train-preset", name)
         # The form shows the preset: its method and its values, before anything is typed.
-        expect(method_box).to_have_value(form["method"])
-        expect(page.locator("#train-steps input")).to_have_value(str(form["steps"]))
+        expect(method_box).to_have_value(form["method"], timeout=30 * SECOND)  # a busy server answers slowly
+        expect(page.locator("#train-steps input")).to_have_value(str(form["steps"]), timeout=30 * SECOND)
         # (Steps were typed as 2 before: once they show the preset's, the whole update has arrived.)
         assert same(float(page.locator("#train-learning_rate input").input_value()), form["learning_rate"])
         page.locator("#model-box textarea, #model-box input").first.fill("tiny")
@@ -415,6 +418,7 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
     assert config["method"] == "lora" and config["prior_preservation"] is True
     assert same(config["learning_rate"], dreambooth["learning_rate"])
     stop_run(page, run_id)
+    context.close()
 
 
 # --- the README's walkthrough, in the UI ---------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def _cancel(studio: Studio) -> str:
     if job is not None and job.kind == "evaluate" and studio.jobs.cancel():
         _CANCELLING.add(job.job_id)
         return "Cancelling after the current image; the images drawn so far will be deleted."
-    return "No evaluation is running."
+    gr.Info("No evaluation is running.")
+    return gr.update()  # the status line keeps what it shows
 
 
 def _tick(studio: Studio, folder, drawn):

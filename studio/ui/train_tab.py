@@ -221,7 +221,8 @@ def _cancel(studio: Studio) -> str:
         if job is not None:
             _CANCELLING.add(job.job_id)
         return "Cancelling after the current step; the adapter so far will be saved."
-    return "No run is in progress."
+    gr.Info("No run is in progress.")
+    return gr.update()  # the status line keeps saying how the shown run ended
 
 
 def run_view(studio: Studio, run_id: str | None):
