@@ -1,5 +1,5 @@
 """In a browser: a single-file checkpoint and a separate VAE as a user names them, trained on, and the run
-reopened on its file in the Evaluate tab. Uses tests/test_browser.py's app, page and helpers."""
+reopened on its file in the Evaluate tab and the Playground. Uses tests/test_browser.py's app, page and helpers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.test_browser import (SECOND, app_url, choose, open_tab, page, photos,
 from tests.test_single_file import RESOLUTION, _vae, tiny_pipeline
 
 
-def test_a_checkpoint_file_and_a_vae_typed_in_train_and_reopen_in_evaluate(page, app_url, photos):
+def test_a_checkpoint_file_and_a_vae_typed_in_train_reopen_in_evaluate_and_playground(page, app_url, photos):
     from playwright.sync_api import expect
     from safetensors.torch import save_file
 
@@ -46,7 +46,7 @@ def test_a_checkpoint_file_and_a_vae_typed_in_train_and_reopen_in_evaluate(page,
     config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
     assert config["model"] == str(checkpoint.resolve()) and config["vae"] == str(vae_file.resolve())
     expect(page.locator("#train-status")).to_contain_text(re.compile(rf"{re.escape(run_id)}.*completed"),
-                                                          timeout=240 * SECOND)
+                                                          timeout=600 * SECOND)  # a loaded 2-core machine: ~60 s a step
     meta = adapters.read_meta(adapters.find_adapter_dir(workspace / "runs" / run_id))
     assert meta.base_hash == single_file.content_hash(checkpoint) and meta.vae == str(vae_file.resolve())
 
@@ -56,5 +56,13 @@ def test_a_checkpoint_file_and_a_vae_typed_in_train_and_reopen_in_evaluate(page,
     page.get_by_role("button", name="Refresh lists").click()
     time.sleep(1)
     choose(page, "eval-runs", run_id)
+    expect(page.locator("#model-box textarea, #model-box input").first).to_have_value(str(checkpoint.resolve()),
+                                                                                    timeout=30 * SECOND)
+
+    # The same in the Playground: picking the run as an adapter puts its checkpoint in the model box.
+    page.locator("#model-box textarea, #model-box input").first.fill("tiny")
+    page.locator("#model-box textarea, #model-box input").first.press("Tab")
+    open_tab(page, "Playground")
+    choose(page, "play-adapter-0", run_id)
     expect(page.locator("#model-box textarea, #model-box input").first).to_have_value(str(checkpoint.resolve()),
                                                                                     timeout=30 * SECOND)

@@ -155,8 +155,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
             remove.click(lambda rl, *v, i=i: _without(kept(rl, *_split(v)), i), [rows, *pickers, *sliders],
                          [rows, saved_rows], show_progress="hidden")
         for i, picker in enumerate(pickers):
-            picker.input(lambda rl, text, au, *v, i=i: _picked(studio, kept(rl, *_split(v)), i, text, au),
-                         [rows, prompt, auto, *pickers, *sliders], [rows, prompt, auto, saved_rows], show_progress="hidden")
+            picker.input(lambda rl, text, au, box, *v, i=i: _picked(studio, kept(rl, *_split(v)), i, text, au, box),
+                         [rows, prompt, auto, model_box, *pickers, *sliders], [rows, prompt, auto, saved_rows, model_box],
+                         show_progress="hidden")
         add.click(lambda rl, *v: _added(kept(rl, *_split(v))), [rows, *pickers, *sliders], [rows, saved_rows],
                   show_progress="hidden")
 
@@ -290,10 +291,21 @@ def _added(rows: list[dict]):
     return rows, rows
 
 
-def _picked(studio: Studio, rows: list[dict], index: int, prompt: str, auto: str):
+def _picked(studio: Studio, rows: list[dict], index: int, prompt: str, auto: str, model: str):
     rows[index]["note"] = ""
     prompt, auto = follow(prompt, auto, studio, rows[index]["value"])
-    return rows, prompt, auto, rows
+    return rows, prompt, auto, rows, _recorded_base(studio, rows[index]["value"], model)
+
+
+def _recorded_base(studio: Studio, value: str | None, current: str):
+    """The model box set to the checkpoint file a picked run was trained on (unchanged otherwise)."""
+    from studio.generate import recorded_base
+
+    try:
+        found = recorded_base([str(choice_path(studio, value))]) if value else None
+    except StudioError:
+        found = None
+    return gr.update(value=found[0]) if found and found[0] != current else gr.update()
 
 
 def take_home(studio: Studio, fixed: tuple, picks: list, scales: list):
