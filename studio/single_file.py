@@ -128,8 +128,8 @@ def _truncated(path: Path, size: int, expected: int) -> str:
 def pickle_sentence(path: Path) -> str:
     return (f"File {_sentence_name(path)} is a pickle checkpoint, which can run code when it is opened, so the studio "
             "never opens it; download the .safetensors version from the model page, or convert it on a machine you "
-            "trust (AUTOMATIC1111's Checkpoint Merger with format 'safetensors', or torch.load(..., "
-            "weights_only=True) followed by safetensors' save_file).")
+            "trust (AUTOMATIC1111's Checkpoint Merger with format 'safetensors', or torch's load with "
+            "weights_only=True followed by safetensors' save_file).")
 
 
 # ---------------------------------------------------------------------------- what the file is
