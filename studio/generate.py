@@ -70,6 +70,10 @@ def suggested_prompt(path: str) -> str | None:
     return " ".join(w for w in ("a photo of", meta.token, meta.class_word) if w)
 
 
+def _file_key(path: Path) -> str:
+    return f"file:{path}"
+
+
 @dataclass(frozen=True)
 class _Loaded:
     version: str  # modification time and size of the weights file
@@ -238,16 +242,17 @@ class Playground:
         except OSError:
             raise StudioError(f"The adapter file '{path}' does not exist (any more); add it again.") from None
         version = f"{stat.st_mtime_ns}:{stat.st_size}"
-        known = self._loaded.get(str(path))
+        key = _file_key(path)  # not the weights path: a run's own file added as a file is a second adapter
+        known = self._loaded.get(key)
         if known is not None and known.version == version:
             return known
         if known is not None:
-            self._unload(pipe, str(path))
+            self._unload(pipe, key)
         name = "f" + hashlib.sha1(f"{path}:{version}".encode()).hexdigest()[:12]
         with models.CONSTRUCTION_LOCK:
             module = community.load(pipe, path, name)
-        self._loaded[str(path)] = _Loaded(version, name, module, path, module.report.kind)
-        return self._loaded[str(path)]
+        self._loaded[key] = _Loaded(version, name, module, path, module.report.kind)
+        return self._loaded[key]
 
     def native_size(self) -> int:
         """Pixels of the last pipeline used (its native size); 0 before any."""
@@ -333,7 +338,7 @@ class Playground:
         """For each chosen file, the keys of it that did not reach the model (counted, with examples)."""
         out = []
         for choice in choices:
-            loaded = self._loaded.get(str(Path(choice.path).resolve())) if is_file_choice(choice) else None
+            loaded = self._loaded.get(_file_key(Path(choice.path).resolve())) if is_file_choice(choice) else None
             if loaded is not None and loaded.module.report.problems():
                 out.append(f"{loaded.module.report.file}: " + " ".join(loaded.module.report.problems()))
         return out

@@ -357,3 +357,16 @@ def test_unmatched_keys_reach_the_image_notice(files, tmp_path):
     image = Playground().generate(request(AdapterChoice(str(tmp_path / "extra.safetensors"), 1.0)))
     assert "extra.safetensors: 1 key(s) match no layer" in image.info[NOTICE]
     assert "lora_unet_not_a_layer.lora_down.weight" in image.info[NOTICE]
+
+
+def test_a_diffusers_file_draws_what_its_run_draws(trained_run, playground_base):
+    """The run's own diffusers-format file (alpha in its `lora_adapter_metadata`), added as a file."""
+    from studio.paths import LORA_WEIGHTS
+
+    playground = Playground()
+    run = pixels(playground.generate(request(AdapterChoice(str(trained_run), 0.7))))
+    report = playground.file_report("tiny", str(trained_run / "adapter" / LORA_WEIGHTS))
+    assert report.format == "diffusers LoRA" and not report.skipped and report.layers["unet"] > 0
+    as_file = pixels(playground.generate(request(AdapterChoice(str(trained_run / "adapter" / LORA_WEIGHTS), 0.7))))
+    assert np.abs(as_file.astype(float) - run).max() <= 1  # the same image, to rounding
+    assert np.abs(run - playground_base).mean() > 1.0
