@@ -265,9 +265,13 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         back = [r for r in (adapters or []) if isinstance(r, dict) and "key" in r
                 and (not r.get("value") or r["value"] in known or Path(str(r["value"])).is_file())]
         extra = [r["value"] for r in back if r.get("value") and r["value"] not in known]
+        updates = forms.restored(values, list(form))
         text = (values or {}).get("prompt")
-        return [*forms.restored(values, list(form)), back or gr.update(), adapter_options(studio, extra),
-                text if text else gr.update()]
+        auto_update = text if text else gr.update()
+        first = next((r["value"] for r in back if r.get("value")), None)
+        if not text and first:  # a prompt the studio set (never typed) is not stored: suggest it again
+            updates[0], auto_update = follow(DEFAULT_PROMPT, DEFAULT_PROMPT, studio, first)
+        return [*updates, back or gr.update(), adapter_options(studio, extra), auto_update]
 
     return {"rows": rows, "options": options, "prompt": prompt, "auto": auto, "generate": generate,
             "saved_rows": saved_rows,
