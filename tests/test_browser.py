@@ -366,7 +366,7 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
     import yaml
     from playwright.sync_api import expect
 
-    from studio.config import build_config, list_presets, load_preset
+    from studio.config import TrainConfig, build_config, list_presets, load_preset
     from studio.data.dataset import prep_folder
 
     workspace: Path = app_url["workspace"]
@@ -378,6 +378,11 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
     open_tab(page, "Train")
     choose(page, "train-dataset", "preset-check")
     method_box = page.locator("#train-method input[role=combobox]")
+    # From the plain defaults, so that each preset picked below visibly changes the form (its step count
+    # differs from the one typed before it) and the test sees its update arrive before typing.
+    choose(page, "train-preset", "(none)")
+    expect(page.locator("#train-batch_size input")).to_have_value(str(TrainConfig().batch_size), timeout=30 * SECOND)
+    type_into(page, "steps", TYPED["steps"])
     previous = None
     for name in list_presets():
         preset, form = load_preset(name), build_config(name).to_dict()

@@ -101,13 +101,12 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     save_all = forms.saver(form, edited=done)
     shown = [method, *fields.values()]
 
-    def on_preset(choice, current_model):
+    def on_preset(choice):
         values = preset_values(choice)
-        model = values["model"] or current_model  # a preset without a model keeps the one in the box
-        return [gr.update(value=values["method"]), *[gr.update(value=values[k]) for k in fields],
-                gr.update(value=model)]
+        model = gr.update(value=values["model"]) if values["model"] else gr.update()  # else the box's stays
+        return [gr.update(value=values["method"]), *[gr.update(value=values[k]) for k in fields], model]
 
-    preset.input(on_preset, [preset, model_box], [*shown, model_box], show_progress="hidden").then(
+    preset.input(on_preset, [preset], [*shown, model_box], show_progress="hidden").then(
         save_all, list(form.values()), [saved, done], show_progress="hidden")
 
     @friendly  # anything but a user's mistake: logged, and its gist shown
