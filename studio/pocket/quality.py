@@ -33,8 +33,8 @@ def demo_recipe() -> dict:
     return load_preset("demo")
 
 
-# The preset's settings without its samples: what the bench and the tests train with.
-DEMO_RECIPE = {k: v for k, v in demo_recipe().items() if not k.startswith("sample_")}
+# The preset's settings without its method (always a LoRA) and its samples: what the tests train with.
+DEMO_RECIPE = {k: v for k, v in demo_recipe().items() if k != "method" and not k.startswith("sample_")}
 
 
 def walkthrough_commands(readme: Path = README) -> list[list[str]]:
