@@ -228,7 +228,10 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     with gr.Row():
         seed = gr.Number(value=0, precision=0, label="Seed")
         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-        guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance")
+        # The pocket model's card measures it at guidance 5 (assets/pocket-sd/README.md); SD's usual 7.5 otherwise.
+        pocket = studio.default_model in ("builtin", "tiny")
+        guidance = gr.Slider(1.0, 15.0, value=5.0 if pocket else 7.5, step=0.5, label="Guidance",
+                             elem_id="play-guidance")
         generate = gr.Button("Generate", variant="primary", elem_id="play-generate")
         refresh = gr.Button("Refresh runs")
     with gr.Row():
