@@ -99,9 +99,13 @@ def _open_recommendation(studio: Studio, rec: dict | None, prompt: str, auto: st
 
 
 def _datasets_update(studio: Studio, current: str | None):
-    """The dataset choices on disk; an empty choice becomes the first dataset."""
+    """The dataset choices on disk; an empty choice becomes the first dataset. A chosen dataset is left as
+    it is: this runs when a tab opens, and writing back the value it read would undo a form restored from
+    the browser (or a pick made) in the meantime."""
     datasets = studio.workspace.list_datasets()
-    return gr.update(choices=datasets, value=current or (datasets[0] if datasets else None))
+    if current:
+        return gr.update(choices=datasets)
+    return gr.update(choices=datasets, value=datasets[0] if datasets else None)
 
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False) -> None:

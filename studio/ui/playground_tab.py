@@ -34,7 +34,8 @@ def choice_path(studio: Studio, value: str):
     value = str(value)
     if value.startswith(FILE_PREFIX):
         return studio.workspace.adapter_files / Path(value[len(FILE_PREFIX):]).name
-    if "/" in value or value.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+    weights = value.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
+    if weights or ("/" in value and "@" not in value):  # 'run@checkpoint' names a checkpoint, never a path
         return studio.user_folder(value, "an adapter file")  # run ids hold no '/'; shared: inside the workspace
     run_id, _, checkpoint = value.partition("@")
     root = studio.workspace.run(run_id).root

@@ -250,7 +250,7 @@ def _status_line(studio: Studio, run_id, steps, finished, history) -> str:
     live = job is not None and job.label == run_id and job.running
     if not steps:
         if live and job.job_id in _CANCELLING:
-            return f"**{run_id}** — cancelling: it stops before its first step and saves the adapter as it is…"
+            return f"**{run_id}** — cancelling: it stops before its first step, with nothing trained to save…"
         state = "loading the model and caching latents…" if live else "stopped before its first step."
         if job is not None and job.label == run_id and job.status == "failed":
             state = f"failed: {job.message}"
