@@ -71,10 +71,12 @@ def test_user_class_images_are_used_instead_of_drawing(dataset_dir, tiny_model, 
 
 
 def test_an_empty_class_folder_is_one_sentence(dataset_dir, tiny_model, tmp_path):
+    """Refused before the model loads, in one sentence (the CLI and the Train tab print it as it is)."""
+    from studio.errors import StudioError
+
     (tmp_path / "empty").mkdir()
-    result = train.run(config(dataset_dir, class_data_dir=str(tmp_path / "empty")), tmp_path / "run")
-    assert result.status == "failed"
-    assert result.message.startswith("Class image folder") and "has no images" in result.message
+    with pytest.raises(StudioError, match=r"^Class image folder .* has no images; add some"):
+        train.run(config(dataset_dir, class_data_dir=str(tmp_path / "empty")), tmp_path / "run")
 
 
 def test_dreambooth_lora_preset():

@@ -53,8 +53,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             with gr.Tab("Evaluate", id="evaluate") as eval_page:
                 ev = evaluate_tab.build(studio, model_box, studio.default_model if builtin else "")
         # Opening a tab lists what is on disk now: a dataset saved or a run started a moment ago is offered.
-        train_page.select(lambda cur: _datasets_update(studio, cur), [train["dataset"]], [train["dataset"]],
-                          show_progress="hidden")
+        train_page.select(lambda cur, stored: _datasets_update(studio, cur, stored), [train["dataset"], train["saved"]],
+                          [train["dataset"]], show_progress="hidden")
         play_page.select(lambda rows: playground_tab.adapter_options(studio, [r["value"] for r in rows]),
                          [play["rows"]], [play["options"]], show_progress="hidden")
         eval_page.select(lambda cur: (gr.update(choices=studio.workspace.list_runs()), _datasets_update(studio, cur)),
@@ -98,14 +98,15 @@ def _open_recommendation(studio: Studio, rec: dict | None, prompt: str, auto: st
     return gr.Tabs(selected="playground"), rows, playground_tab.adapter_options(studio, [value]), prompt, auto, saved
 
 
-def _datasets_update(studio: Studio, current: str | None):
-    """The dataset choices on disk; an empty choice becomes the first dataset. A chosen dataset is left as
-    it is: this runs when a tab opens, and writing back the value it read would undo a form restored from
-    the browser (or a pick made) in the meantime."""
+def _datasets_update(studio: Studio, current: str | None, stored: dict | None = None):
+    """The dataset choices on disk; an empty choice becomes the form's stored dataset, else the first one.
+    A chosen dataset is left as it is: this runs when a tab opens, and writing back the value it read
+    would undo a form restored from the browser (or a pick made) in the meantime."""
     datasets = studio.workspace.list_datasets()
     if current:
         return gr.update(choices=datasets)
-    return gr.update(choices=datasets, value=datasets[0] if datasets else None)
+    kept = stored.get("dataset") if isinstance(stored, dict) else None
+    return gr.update(choices=datasets, value=kept if kept in datasets else (datasets[0] if datasets else None))
 
 
 def launch(host: str | None = None, port: int | None = None, share: bool = False) -> None:

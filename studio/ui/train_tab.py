@@ -136,7 +136,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
     outputs = [*form.values(), timer]
     once = forms.restore_once(saved, done, restore, [], outputs)
-    return {"dataset": dataset, "runs": runs,
+    return {"dataset": dataset, "runs": runs, "saved": saved,
             "restore": dict(fn=once, inputs=[saved, done], outputs=[*outputs, done], show_progress="hidden")}
 
 
