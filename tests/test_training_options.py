@@ -129,6 +129,9 @@ def test_flip_caches_the_mirror_image_latents(dataset_dir, tiny_model):
 
 
 def test_8bit_adam_without_a_gpu_is_one_sentence(dataset_dir, tmp_path):
-    result = train.run(config(dataset_dir, steps=2, optimizer="adamw8bit"), tmp_path / "run")
-    assert result.status == "failed"
-    assert result.message == "8-bit Adam needs a CUDA GPU; set optimizer to 'adamw' on this machine."
+    """Refused before the model loads, in one sentence."""
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError) as refused:
+        train.run(config(dataset_dir, steps=2, optimizer="adamw8bit"), tmp_path / "run")
+    assert str(refused.value) == "8-bit Adam needs a CUDA GPU; set optimizer to 'adamw' on this machine."
