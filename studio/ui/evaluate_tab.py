@@ -87,7 +87,8 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
             gr.Warning(message)
             return gr.update(), f"**Not started:** {message}", gr.update()
 
-    forms.save_after(start.click(on_start, {model_box, *form.values()}, [folder, status, timer]), form, saved, done)
+    start.click(on_start, {model_box, *form.values()}, [folder, status, timer]).then(
+        forms.saver(form, edited=done), list(form.values()), [saved, done], show_progress="hidden")
     cancel.click(lambda: _cancel(studio), None, [status])
     drawn = gr.State(None)  # the finished evaluation on the page: redrawn only when it changes
     view = [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn]

@@ -20,22 +20,10 @@ def remember(key: str, controls: dict[str, Any], edited: gr.State | None = None)
     """A browser-stored dict {name: value} of `controls`, saved whenever a person edits one of them.
     `edited` (a per-page flag, see `restore_once`) turns True with the first edit."""
     state = gr.BrowserState({}, storage_key=f"concept-studio-{key}", secret=_SECRET)
-    triggers = [c.input for c in controls.values()]
-    if edited is None:
-        gr.on(triggers, saver(controls), inputs=list(controls.values()), outputs=[state], show_progress="hidden",
-              trigger_mode="always_last", api_visibility="private")
-    else:
-        save_after(gr.on(triggers, None, trigger_mode="always_last", api_visibility="private"), controls, state,
-                   edited)
+    gr.on([c.input for c in controls.values()], saver(controls, edited), inputs=list(controls.values()),
+          outputs=[state] + ([edited] if edited is not None else []), show_progress="hidden",
+          trigger_mode="always_last", api_visibility="private")
     return state
-
-
-def save_after(event, controls: dict[str, Any], state: gr.BrowserState, edited: gr.State):
-    """After `event`: mark the page's form as its own, then store it. Two steps, so that the state's change
-    (which a late read of the stored form also fires, see `restore_once`) always finds the flag already set
-    and never re-applies an older stored form over what the person typed since."""
-    return event.then(lambda: True, None, [edited], show_progress="hidden", api_visibility="private").then(
-        saver(controls), list(controls.values()), [state], show_progress="hidden", api_visibility="private")
 
 
 def saver(controls: dict[str, Any], edited: gr.State | None = None) -> Callable:

@@ -98,6 +98,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
             **fields}
     done = gr.State(False)  # this page has its form: restored from the browser, or edited
     saved = forms.remember("train-form", form, edited=done)
+    save_all = forms.saver(form, edited=done)
     shown = [method, *fields.values()]
 
     def on_preset(choice):
@@ -105,8 +106,8 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         model = gr.update(value=values["model"]) if values["model"] else gr.update()  # else the box's stays
         return [gr.update(value=values["method"]), *[gr.update(value=values[k]) for k in fields], model]
 
-    forms.save_after(preset.input(on_preset, [preset], [*shown, model_box], show_progress="hidden"),
-                     form, saved, done)
+    preset.input(on_preset, [preset], [*shown, model_box], show_progress="hidden").then(
+        save_all, list(form.values()), [saved, done], show_progress="hidden")
 
     @friendly  # anything but a user's mistake: logged, and its gist shown
     def on_start(data):
@@ -117,8 +118,8 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         return (gr.update(choices=studio.workspace.list_runs(), value=run_id),
                 f"**{run_id}** — starting…", gr.Timer(active=True))
 
-    forms.save_after(start.click(on_start, inputs=set(form.values()), outputs=[runs, status, timer]),
-                     form, saved, done)
+    start.click(on_start, inputs=set(form.values()), outputs=[runs, status, timer]).then(
+        save_all, list(form.values()), [saved, done], show_progress="hidden")
     cancel.click(friendly(lambda: _cancel(studio)), None, [status])
     resume.click(lambda run_id: _on_resume(studio, run_id), [runs], [status, timer])
     timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer],
