@@ -93,7 +93,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return {"good": good, "not_image": not_image, "truncated": truncated, "upright": upright}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def app_url(tmp_path_factory):
     """`python app.py` on a free port with a fresh workspace; killed (its whole group) at the end."""
     _chromium()
@@ -138,7 +138,7 @@ def app_url(tmp_path_factory):
     stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def page(app_url):
     from playwright.sync_api import sync_playwright
 
