@@ -193,6 +193,8 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         result = resume(args.resume, on_event=show, steps=args.steps)
     else:
+        if distributed.world().main:
+            print(_forecast(cfg, Path(args.out)), flush=True)
         result = run(cfg, args.out, on_event=show)
     if not distributed.world().main:  # under torchrun / accelerate launch, rank 0 speaks for all
         return 0 if result.status != "failed" else 2
@@ -237,6 +239,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _forecast(cfg, out: Path) -> str:
+    """How long the run should take, from the newest run beside it at the same settings (studio.timings)."""
+    from studio.data.dataset import load_dataset
+    from studio.timings import train_forecast
+
+    settings = cfg.to_dict()
+    try:
+        settings["resolution"] = cfg.resolution or load_dataset(Path(cfg.dataset)).resolution
+    except StudioError:
+        pass  # the run itself says what is wrong with the dataset, in its own sentence
+    return train_forecast(out.expanduser().resolve().parent, settings).message
+
+
+def _eval_forecast(cfg, out: Path) -> str:
+    """'40 images (2 points × 10 prompts × 2 seeds). About …': the size of an evaluation and, from the newest
+    evaluation beside it at the same settings, its time (studio.timings)."""
+    from studio.evaluate.protocol import count_images
+    from studio.timings import eval_forecast
+
+    try:
+        images, points, prompts = count_images(cfg)
+    except StudioError:
+        return ""  # the evaluation itself says what is wrong, in its own sentence
+    size = f"{images} images ({points} points × {prompts} prompts × {cfg.seeds} seeds)."
+    return f"{size} {eval_forecast(out.expanduser().resolve().parent, vars(cfg), images).message}"
+
+
 def cmd_evaluate(args) -> int:
     from studio.evaluate.protocol import EvalConfig, evaluate, rescore
     from studio.evaluate.prompts import DEFAULT_CONTEXTS
@@ -270,6 +299,7 @@ def cmd_evaluate(args) -> int:
             elif event.kind in ("progress", "estimate", "phase"):
                 print(events.describe(event), flush=True)
 
+        print(_eval_forecast(cfg, Path(args.out)), flush=True)
         result = evaluate(cfg, args.out, on_event=show)
     if result.status != "completed":
         print(result.message)

@@ -99,6 +99,7 @@ class Finished:
     step: int
     message: str
     adapter_dir: str | None = None  # relative to the run folder
+    wall_s: float | None = None  # the whole job's seconds, loading and saving included (the next job's forecast)
     kind: Literal["finished"] = "finished"
 
 

@@ -211,7 +211,7 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
 
 def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from, pause_after_s=None) -> RunResult:
     """Run the loop; whatever goes wrong ends as one Finished event with one sentence."""
-    state = {"step": resume_from.step if resume_from else 0}
+    state = {"step": resume_from.step if resume_from else 0, "began": time.perf_counter()}
     try:
         return _train(cfg, spec, ref, paths, emit, should_stop or (lambda: False), state, resume_from, pause_after_s)
     except StudioError as exc:
@@ -335,7 +335,8 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
     distributed.barrier(w)  # no rank returns before the files exist
     message = (f"Cancelled at step {state['step']}; the adapter so far is saved." if status == "cancelled"
                else f"Finished {state['step']} steps.")
-    emit(events.Finished(status, state["step"], message, "adapter"))
+    wall_s = time.perf_counter() - state["began"] if resume_from is None else None  # a whole run only
+    emit(events.Finished(status, state["step"], message, "adapter", wall_s))
     return RunResult(paths.root, status, state["step"], paths.adapter, message)
 
 
