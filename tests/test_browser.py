@@ -483,14 +483,16 @@ def image_of(page, elem_id: str):
     return Image.open(io.BytesIO(body)).convert("RGB")
 
 
-def idle_requests(page, seconds: float) -> int:
-    """Requests the page sends to the server in `seconds` while nobody touches it."""
+def idle_requests(page, seconds: float, settle: float = 2.0) -> list[str]:
+    """Requests the page sends to the server in `seconds` while nobody touches it, after `settle` seconds in which
+    a tick already on its way when the run finished (one join and one data request) may still arrive."""
+    page.wait_for_timeout(settle * SECOND)
     sent = []
     listener = lambda request: sent.append(request.url) if "/gradio_api/" in request.url else None  # noqa: E731
     page.on("request", listener)
     page.wait_for_timeout(seconds * SECOND)
     page.remove_listener("request", listener)
-    return len(sent)
+    return sent
 
 
 def test_readme_walkthrough_in_the_ui(page, app_url):
@@ -501,6 +503,7 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     from playwright.sync_api import expect
 
     from studio.config import build_config, list_presets
+    from studio.events import read_events
 
     readme = readme_walkthrough()
     assert "The same steps work in the UI" in readme["text"]
@@ -535,6 +538,9 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     expect(page.locator("#train-method input[role=combobox]")).to_have_value(demo["method"])
     expect(page.locator("#train-batch_size input")).to_have_value(str(demo["batch_size"]))
     type_into(page, "steps", WALKTHROUGH_STEPS)
+    # Before Start, the page says what it knows of the time: nothing was timed here yet.
+    plan = page.locator("#train-plan")
+    expect(plan).to_contain_text(f"{WALKTHROUGH_STEPS} steps. No run at these settings was timed on this machine")
     shown_before = page.locator("#train-run input[role=combobox]").input_value()
     page.locator("#train-start").click()
     run_id = wait_for_run(page, workspace, shown_before)
@@ -556,8 +562,12 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     status = page.locator("#train-status")
     expect(status).to_contain_text(f"completed: Finished {WALKTHROUGH_STEPS} steps.", timeout=240 * SECOND)
     assert (run / "adapter").is_dir() and list((run / "samples").glob("*.png"))
+    # The next Start at these settings is forecast from this run's probe.
+    probe = next(e for e in read_events(run / "events.jsonl") if e.kind == "estimate")
+    expect(plan).to_contain_text(f"{WALKTHROUGH_STEPS} steps at {probe.unit_s:.2f} s a step, as run '{run_id}' at "
+                                 "these settings measured it", timeout=15 * SECOND)
     # Idle, the page stops asking the server for news.
-    assert idle_requests(page, 3) <= 1
+    assert not (sent := idle_requests(page, 4)), sent
 
     # Playground: the README's prompt and guidance; the LoRA changes the picture.
     open_tab(page, "Playground")
@@ -569,6 +579,18 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     base, adapted = image_of(page, "play-base"), image_of(page, "play-adapted")
     assert base.size == adapted.size
     assert _difference(base, adapted) > 1.0, "the LoRA did not change the picture"
+    # Typing a scale re-renders; a reload brings back the adapter, its scale and the prompt.
+    scale_box = page.locator("#play-scale-0 input[type=number]")
+    set_number(page, scale_box, 0.7)
+    deadline = time.monotonic() + 90
+    while _difference(image_of(page, "play-adapted"), adapted) < 0.1:
+        assert time.monotonic() < deadline, "typing scale 0.7 did not redraw the picture"
+        page.wait_for_timeout(500)
+    page.reload()
+    open_tab(page, "Playground")
+    expect(page.locator("#play-adapter-0 input[role=combobox]")).to_have_value(run_id, timeout=15 * SECOND)
+    expect(page.locator("#play-scale-0 input[type=number]")).to_have_value("0.7")
+    expect(page.locator("#play-prompt textarea, #play-prompt input").first).to_have_value(readme["prompt"])
 
     # Evaluate: the README's contexts and CLIP are the defaults; fewer images are typed.
     page.locator("body").press("Escape")
@@ -589,6 +611,9 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     # as many prompts of each kind as there are contexts, so both contexts are drawn
     set_number(page, page.get_by_label("Prompts per kind (0: all)"), len(readme["contexts"]))
     before = set(workspace.joinpath("evals").glob("*")) if workspace.joinpath("evals").is_dir() else set()
+    eval_plan = page.locator("#eval-plan")
+    expect(eval_plan).to_contain_text(re.compile(r"\d+ images \(\d+ points × \d+ prompts × 1 seeds\)"))
+    told_images = int(re.search(r"(\d+) images", eval_plan.inner_text())[1])
     page.locator("#eval-start").click()
     eval_status = page.locator("#eval-status")
     # The status line may still show an earlier evaluation's result: wait for this one's folder to finish.
@@ -599,6 +624,8 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     expect(eval_status).to_contain_text("of 1 run(s)", timeout=30 * SECOND)
     (folder,) = set(workspace.joinpath("evals").glob("*")) - before
     images = pd.read_csv(folder / "results.csv")
+    drawn = sum(1 for e in read_events(folder / "events.jsonl") if e.kind == "progress" and e.total)
+    assert drawn == told_images, "the count said before Start is what was drawn"
     for context_words in readme["contexts"]:
         assert images["prompt"].str.contains(context_words, regex=False).any(), context_words
     summary = pd.read_csv(folder / "summary.csv").set_index("point")
@@ -609,6 +636,8 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     assert settings["guidance"] == (readme["eval_guidance"] or readme["guidance"])
     assert settings["seeds"] == 1 and settings["steps"] == 4
     expect(page.locator("#eval-table")).to_contain_text(run_id, timeout=15 * SECOND)
+    # The next evaluation at these settings is forecast from this one's probe.
+    expect(eval_plan).to_contain_text(f"as evaluation '{folder.name}' measured it", timeout=15 * SECOND)
 
     # A reload keeps the evaluation's settings beside its results.
     page.reload()

@@ -56,6 +56,7 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
         start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
         cancel = gr.Button("Cancel", variant="stop")
         refresh = gr.Button("Refresh lists")
+    plan = gr.Markdown(elem_id="eval-plan")  # the images Start would draw and their time, from earlier probes
     status = gr.Markdown(elem_id="eval-status")
     with gr.Row():
         advice = gr.Markdown(elem_id="eval-recommendation")
@@ -93,6 +94,14 @@ def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     drawn = gr.State(None)  # the finished evaluation on the page: redrawn only when it changes
     view = [status, scatter, heatmap, grid, table, files, advice, open_best, best, references, drawn]
     timer.tick(lambda f, d: _tick(studio, f, d), [folder, drawn], [*view, timer], show_progress="hidden")
+    plan_inputs = [model_box, *form.values()]
+
+    def on_plan(model, *values):
+        return forecast(studio, model, dict(zip(form, values)))
+
+    for control in plan_inputs:
+        control.change(on_plan, plan_inputs, [plan], show_progress="hidden")
+    drawn.change(on_plan, plan_inputs, [plan], show_progress="hidden")  # a finished evaluation timed its images
     refresh.click(lambda: (gr.update(choices=studio.workspace.list_runs()),
                            gr.update(choices=studio.workspace.list_datasets())), None, [runs, dataset])
     # A run trained on a checkpoint file reopens on it: picking one shows that file as the base model.
@@ -168,11 +177,11 @@ def _recorded_base(studio: Studio, picked, current: str):
     return gr.update(value=found[0]) if found and found[0] != current else gr.update()
 
 
-def _start(studio: Studio, model, data: dict):
+def _config(studio: Studio, model, data: dict):
+    """The EvalConfig of the form, every choice checked (one sentence for the first wrong one)."""
     from pathlib import Path
 
-    from studio import hosting
-    from studio.evaluate.protocol import EvalConfig, evaluate
+    from studio.evaluate.protocol import EvalConfig
 
     if not data["runs"]:
         raise gr.Error("Choose at least one run to evaluate in 'Runs'; the base model alone has nothing to "
@@ -191,14 +200,36 @@ def _start(studio: Studio, model, data: dict):
     run_dirs = [str(studio.workspace.run(r).root) for r in (data["runs"] or [])]
     for run in run_dirs:
         find_adapter_dir(Path(run))
-    out = studio.workspace.evals / time.strftime("%Y%m%d-%H%M%S")
-    cfg = EvalConfig(dataset=str(studio.workspace.dataset(data["dataset"]).root), runs=run_dirs, model=model,
+    return EvalConfig(dataset=str(studio.workspace.dataset(data["dataset"]).root), runs=run_dirs, model=model,
                      clip=studio.user_model(data["clip"], "the CLIP model"),
                      dino=studio.user_model(data["dino"], "the DINO model", ("none",)), kinds=[KIND_LABELS[k] for k in data["kinds"] or []],
                      prompts=_lines(data["own"]), contexts=_lines(data["contexts"]), per_kind=int(data["per_kind"] or 0),
                      seeds=int(data["seeds"] or 1), steps=int(data["steps"] or 1), scales=scales or [1.0],
                      checkpoints=data["checkpoints"], guidance=float(data["guidance"] if data["guidance"] is not None
                                                                      else DEFAULT_GUIDANCE))
+
+
+def forecast(studio: Studio, model, data: dict) -> str:
+    """The line under Run evaluation: how many images the form's settings draw and, from the newest earlier
+    evaluation at the same settings, how long they take here ('' while the form cannot start one)."""
+    from studio.evaluate.protocol import count_images
+    from studio.timings import eval_forecast
+
+    try:
+        cfg = _config(studio, studio.user_model(model or studio.default_model), data)
+        images, points, prompts = count_images(cfg)
+    except (gr.Error, StudioError, OSError, ValueError, TypeError):
+        return ""
+    return (f"⏱ {images} images ({points} points × {prompts} prompts × {cfg.seeds} seeds). "
+            + eval_forecast(studio.workspace.evals, vars(cfg), images).message)
+
+
+def _start(studio: Studio, model, data: dict):
+    from studio import hosting
+    from studio.evaluate.protocol import evaluate
+
+    cfg = _config(studio, model, data)
+    out = studio.workspace.evals / time.strftime("%Y%m%d-%H%M%S")
 
     def work(should_stop):  # the report is written by evaluate, before its last event
         result = evaluate(cfg, out, should_stop=should_stop, playground=hosting.GpuPlayground(studio.playground))

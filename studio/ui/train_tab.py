@@ -88,6 +88,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         resume = gr.Button("Resume shown run", elem_id="train-resume")
         runs = gr.Dropdown(studio.workspace.list_runs(), label="Run shown", elem_id="train-run",
                            allow_custom_value=True)
+    plan = gr.Markdown(elem_id="train-plan")  # how long Start would take, from earlier runs' probes
     status = gr.Markdown("No run yet.", elem_id="train-status")
     with gr.Row():
         loss = gr.Plot(label="Loss", elem_id="train-loss")
@@ -122,8 +123,17 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         save_all, list(form.values()), [saved, done], show_progress="hidden")
     cancel.click(friendly(lambda: _cancel(studio)), None, [status])
     resume.click(lambda run_id: _on_resume(studio, run_id), [runs], [status, timer])
-    timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer],
+    ended = gr.State(None)  # the run the page last saw end: its timing may change the forecast
+    timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer, ended],
                show_progress="hidden")
+    plan_inputs = [dataset, method, model_box, *fields.values()]
+
+    def on_plan(*values):
+        return forecast(studio, dict(zip(["dataset", "method", "model", *fields], values)))
+
+    for control in plan_inputs:
+        control.change(on_plan, plan_inputs, [plan], show_progress="hidden")
+    ended.change(on_plan, plan_inputs, [plan], show_progress="hidden")
     runs.change(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
 
     def restore(values):
@@ -160,7 +170,25 @@ def _tick(studio: Studio, run_id: str | None):
     """The live view while a run goes; the timer stops after drawing the run's end."""
     job = studio.jobs.current()
     live = job is not None and job.kind == "train" and job.active
-    return (*run_view(studio, run_id), gr.Timer(active=live))
+    return (*run_view(studio, run_id), gr.Timer(active=live), gr.update() if live else run_id)
+
+
+def forecast(studio: Studio, values: dict) -> str:
+    """The line under Start: how long a run of the form's settings should take on this machine, from the
+    newest earlier run at the same settings ('' while the form cannot make a run)."""
+    from studio.data.dataset import load_dataset
+    from studio.timings import train_forecast
+
+    if not values.get("dataset") or any(v is None for v in values.values() if not isinstance(v, str)):
+        return ""
+    try:
+        settings = {k: int(v) if k in INT_FIELDS else v for k, v in values.items()}
+        settings["model"] = settings.get("model") or studio.default_model
+        if not settings.get("resolution"):
+            settings["resolution"] = load_dataset(_dataset_path(studio, values["dataset"])).resolution
+        return "⏱ " + train_forecast(studio.workspace.runs, settings).message
+    except (StudioError, gr.Error, OSError, ValueError, TypeError):  # no dataset yet, a half-typed number...
+        return ""
 
 
 def _start(studio: Studio, data, dataset, preset, method, model_box, fields, name) -> str:
