@@ -136,7 +136,7 @@ def test_the_pocket_vae_gives_back_what_it_is_given(pocket):
 
 
 def test_a_short_lora_run_teaches_the_demo_concept(tmp_path, clip):
-    """The demo recipe (the README's walkthrough): 60 steps of 8 images with Min-SNR weighting. The pocket
+    """The demo recipe (the README's walkthrough, presets/demo.yaml): 200 steps of 8 images with Min-SNR weighting. The pocket
     CLIP's image similarity to the concept rises for the prompt alone and for a new size."""
     from studio import train
     from studio.config import build_config
