@@ -201,25 +201,34 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816)
+# SD 2.1 (stabilityai/stable-diffusion-2-1: unet/config.json, text_encoder/config.json: OpenCLIP ViT-H's
+# text tower converted to CLIP's names, its last layer dropped, so 23 layers).
+SD21_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 use_linear_projection=True)
+CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+              num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
               num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 
-def real_layout_pipe(family: str, method: str):
+def real_layout_pipe(family: str, method: str | None):
     """A stand-in pipeline on the meta device with the real model's UNet and text encoders, and a
-    `method` adapter whose own (small) weights are real tensors, so the studio's export code runs."""
+    `method` adapter (None: none) whose own (small) weights are real tensors, so the studio's export
+    code runs."""
     from types import SimpleNamespace
 
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
-        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
+        unet = UNet2DConditionModel(**{"sdxl": SDXL_UNET, "sd21": SD21_UNET}.get(family, SD15_UNET))
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig(**(CLIP_H if family == "sd21" else CLIP_L)))}
         if family == "sdxl":
             encoders["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
+    if method is None:
+        return SimpleNamespace(unet=unet, **encoders)
     with torch.device("meta"):
         unet.add_adapter(adapter_config(method))
         if method in ("lora", "dora"):
@@ -248,7 +257,7 @@ def _materialise_adapter(model) -> None:
 
 # SDXL's real layout on the meta device is slow to adapt and compute on (minutes for DoRA): there the
 # LoRA file (whose module names the DoRA .diff file shares) and LoKr (the LyCORIS names LoHa shares).
-REAL_LAYOUTS = [("sd15", m) for m in METHODS] + [("sdxl", "lora"), ("sdxl", "lokr")]
+REAL_LAYOUTS = [("sd15", m) for m in METHODS] + [("sd21", "lora"), ("sdxl", "lora"), ("sdxl", "lokr")]
 
 
 @pytest.mark.parametrize("family,method", REAL_LAYOUTS, ids=[f"{f}-{m}" for f, m in REAL_LAYOUTS])
@@ -269,3 +278,42 @@ def test_every_key_lands_on_a_real_weight_of_the_real_layout(family, method):
         for client in readers:
             check = clients.check_file(state, layout, client, compare=False)
             assert check.matched == check.total, (file, client, check.unmatched)
+
+
+def test_sd2_text_encoder_keys_take_a1111s_open_clip_names():
+    """SD 2.x in AUTOMATIC1111 (networks.py `convert_diffusers_name_to_compvis(key, is_sd2)`, is_sd2 when
+    the model's mapping has `model_transformer_resblocks`): `lora_te_` keys go to OpenCLIP ViT-H's own
+    layout, q/k/v into the layer's MultiheadAttention, the MLP as c_fc / c_proj."""
+    layout = lora.client_layout(real_layout_pipe("sd21", None))
+    mapping = clients.a1111_layer_mapping(layout)
+    assert clients.a1111_is_sd2(mapping) and not clients.a1111_is_sd2(
+        clients.a1111_layer_mapping(lora.client_layout(real_layout_pipe("sd15", None))))
+    name, hit = clients.a1111_lookup("lora_te_text_model_encoder_layers_3_mlp_fc1", mapping)
+    assert name == "model_transformer_resblocks_3_mlp_c_fc"
+    assert hit.component == "text_encoder" and hit.module.endswith("encoder.layers.3.mlp.fc1")
+    name, hit = clients.a1111_lookup("lora_te_text_model_encoder_layers_3_self_attn_k_proj", mapping)
+    assert name == "model_transformer_resblocks_3_attn_k_proj" and hit == ("mha", "text_encoder", "3", "k")
+    # SD 1.x's CLIP-L keeps transformers' names there
+    assert clients.a1111_convert_name("lora_te_text_model_encoder_layers_3_mlp_fc1") == \
+        "transformer_text_model_encoder_layers_3_mlp_fc1"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+def test_extracted_lora_and_custom_diffusion_diff_keys_land_on_the_real_layout(family):
+    """The two files built from whole weights, on the real layouts: the LoRA extracted from a full
+    fine-tune (its SVD runs on the meta device: real names and shapes) for all three clients, and
+    Custom Diffusion's `.diff` file for ComfyUI and AUTOMATIC1111."""
+    from studio.adapters import custom, extract
+
+    pipe = real_layout_pipe(family, None)
+    layout = lora.client_layout(pipe)
+    extracted, _ = extract.extract(pipe.unet, pipe.unet, rank=4)
+    custom.keep_base_kv(pipe.unet)
+    diff = custom.diff_state_dict(pipe.unet)
+    assert len(diff) == 2 * sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("attn2"))
+    for state, readers in ((extracted, clients.CLIENTS), (diff, (clients.COMFYUI, clients.A1111))):
+        for client in readers:
+            check = clients.check_file(state, layout, client, compare=False)
+            assert check.total == len(state) and check.matched == check.total, (client, check.unmatched)
+    # kohya's networks/lora.py has no reader for a weight difference: the check must not pretend it has
+    assert clients.check_file(diff, layout, clients.KOHYA, compare=False).matched == 0

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from studio import models, train
-from studio.adapters import custom
+from studio.adapters import checks, clients, custom
 from studio.config import build_config
 from studio.errors import StudioError
 from studio.generate import AdapterChoice, GenerateRequest, Playground
@@ -243,6 +243,34 @@ def test_the_diff_file_applied_by_the_clients_rule_is_the_trained_unet(custom_ru
     base = _unet_output(_clients_unet(tiny_model, diff_file, strength=0.0))
     assert (theirs - _unet_output(trained)).abs().max() < 1e-5
     assert (theirs - base).abs().max() > 1e-3  # the diff does something: the check could fail
+
+
+def test_export_check_lists_each_client_for_the_diff_file(custom_run):
+    """export_check.yaml: the .diff file through ComfyUI's and A1111's own rules, every key read and the
+    UNet's output as the trained model's; kohya's LoRA reader is listed as not the file's client."""
+    run, _ = custom_run
+    report = next(r for r in checks.read_reports(run / "adapter") if r.file == custom.DIFF_WEIGHTS)
+    assert report.ok, report.summary()
+    by_client = {c["client"]: c for c in report.clients}
+    for client in (clients.COMFYUI, clients.A1111):
+        check = by_client[client]
+        assert check["recommended"] and check["exact"] and check["matched"] == check["total"] > 0, check
+        assert check["change"] > 1e-4  # training moved the output: a wrong weight would show
+    assert not by_client[clients.KOHYA]["recommended"] and by_client[clients.KOHYA]["matched"] == 0
+
+
+def test_a_wrong_diff_value_is_not_exact_for_the_clients(custom_run):
+    _, seen = custom_run
+    pipe = seen["pipe"]
+    state = custom.diff_state_dict(pipe.unet)
+    key = sorted(state)[0]
+    state[key] = state[key] * 3
+    before = {k: w.detach().clone() for k, w in custom.kv_weights(pipe.unet).items()}
+    report = {c["client"]: c for c in custom.diff_client_checks(state, pipe)}
+    assert not report[clients.COMFYUI]["exact"] and not report[clients.A1111]["exact"]
+    assert report[clients.COMFYUI]["matched"] == report[clients.COMFYUI]["total"]  # the keys are right
+    # the trained K/V are back in place, bit for bit
+    assert all(torch.equal(before[k], w) for k, w in custom.kv_weights(pipe.unet).items())
 
 
 def test_the_studio_scale_is_the_clients_strength(custom_run, tiny_model):

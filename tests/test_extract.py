@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from studio import train
 from studio.__main__ import main
-from studio.adapters import checks, extract
+from studio.adapters import checks, clients, extract
 from studio.config import build_config
 from studio.errors import StudioError
 from studio.paths import RunPaths
@@ -109,6 +109,39 @@ def test_a_dreambooth_run_writes_and_reports_the_extracted_lora(dreambooth_run):
     assert report.ok and report.format == extract.FORMAT and report.approximation["rank"] == 2
     assert 0 < report.approximation["relative_output_diff"]
     assert (adapter / extract.file_name(2)).is_file()
+    # each client's own rules on the file: every key read, every layer's weight the studio's
+    by_client = {c["client"]: c for c in report.clients}
+    assert set(by_client) == set(clients.CLIENTS)
+    for name in (clients.COMFYUI, clients.KOHYA):
+        check = by_client[name]
+        assert check["exact"] and check["matched"] == check["total"] > 0 and check["change"] > 0, check
+    # The tiny model's first up block has attention, which A1111's SD 1.x name rule does not expect:
+    # exactly that block's upsampler is missed, and the report says the file is not for A1111 here
+    # (on the real SD 1.5, 2.1 and SDXL layouts every key lands: test_clients).
+    a1111 = by_client[clients.A1111]
+    assert not a1111["recommended"] and "block layout" in a1111["note"]
+    assert a1111["total"] - a1111["matched"] == 3 and all("up_blocks_0_upsamplers_0" in k for k in a1111["unmatched"])
+
+
+def test_a_wrong_extracted_file_is_not_exact_for_the_clients(synthetic, tiny_model):
+    state, _ = extract.extract(synthetic, _base(tiny_model), 4)
+    good = {c["client"]: c for c in extract.client_checks(state, _base(tiny_model))}
+    assert all(c["exact"] for c in good.values() if c["recommended"]), good
+    # The clients given a file one of whose up matrices is doubled, against the studio's reading of the
+    # right one: every key still lands (the names are right) and no client is exact.
+    key = sorted(k for k in state if k.endswith("lora_up.weight"))[0]
+    wrong = dict(state, **{key: state[key] * 2})
+    checks_ = []
+    for client in clients.CLIENTS:
+        base = _base(tiny_model)
+
+        def expected(target, weight, base=base):
+            delta = extract._delta(state, extract.kohya_module_name(target.module, base))
+            return weight.float() + delta.reshape(weight.shape)
+
+        checks_.append(clients.check_file(wrong, clients.Layout(base), client, expected=expected))
+    assert all(not c.exact for c in checks_), checks_
+    assert [c.total - c.matched for c in checks_] == [0 if c.client != clients.A1111 else 3 for c in checks_]
 
 
 def test_cli_extracts_at_another_rank_and_full_rank_is_closer(dreambooth_run, capsys):

@@ -78,6 +78,9 @@ class Layout:
     def __init__(self, unet, text_encoders: list[tuple[str, object]] = ()):
         self.models = {"unet": unet, **dict(text_encoders)}
         self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        # SD 2.x: its text encoder is OpenCLIP ViT-H, which AUTOMATIC1111 keeps in OpenCLIP's own layout
+        # (the studio's family rule, metadata.family_from: cross-attention width 1024 without SDXL's extras).
+        self.v2 = not self.sdxl and getattr(unet.config, "cross_attention_dim", None) == 1024
         self.unet_shapes = _base_shapes(unet)
         mapping = comfyui_unet_to_diffusers(comfyui_unet_config(unet.config))
         self.ldm = {k: v for k, v in mapping.items() if k in self.unet_shapes}  # diffusers -> LDM param
@@ -225,9 +228,11 @@ def comfyui_key_map(layout: Layout) -> dict[str, Target]:
 def a1111_layer_mapping(layout: Layout) -> dict[str, Target | tuple]:
     """AUTOMATIC1111's `network_layer_mapping` (networks.py `assign_network_names_to_compvis_modules`):
     every module of the original checkpoint's model, '.' -> '_': `diffusion_model_input_blocks_1_1_...`,
-    CLIP-L `transformer_text_model_...` (SD 1.x) or `0_transformer_text_model_...` (SDXL), SDXL's
-    OpenCLIP-G `1_model_transformer_resblocks_N_{attn, attn_out_proj, mlp_c_fc, mlp_c_proj}`, whose
-    q/k/v live in one MultiheadAttention (value: ('mha', component, layer))."""
+    CLIP-L `transformer_text_model_...` (SD 1.x) or `0_transformer_text_model_...` (SDXL); OpenCLIP
+    text towers in OpenCLIP's layout, SD 2.x's ViT-H as `model_transformer_resblocks_N_...` (the
+    cond_stage_model's wrapped module) and SDXL's ViT-G as `1_model_transformer_resblocks_N_...` (the
+    second embedder), each `{attn, attn_out_proj, mlp_c_fc, mlp_c_proj}`, whose q/k/v live in one
+    MultiheadAttention (value: ('mha', component, layer))."""
     mapping: dict[str, Target | tuple] = {}
     for diffusers, ldm in layout.ldm.items():
         if ldm.endswith(".weight"):
@@ -237,18 +242,19 @@ def a1111_layer_mapping(layout: Layout) -> dict[str, Target | tuple]:
             if not clip.endswith(".weight"):
                 continue
             target = Target(component, param[:-7])
-            if index == 0:
+            if index == 0 and not layout.v2:
                 prefix = "0_transformer_" if layout.sdxl else "transformer_"
                 mapping[prefix + clip[:-7].replace(".", "_")] = target
                 continue
             m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.weight", clip)
             if not m:
                 continue
+            root = "1_model_transformer_resblocks" if index == 1 else "model_transformer_resblocks"
             open_clip = {"self_attn.out_proj": "attn_out_proj", "mlp.fc1": "mlp_c_fc", "mlp.fc2": "mlp_c_proj"}
             if m.group(2) in open_clip:
-                mapping[f"1_model_transformer_resblocks_{m.group(1)}_{open_clip[m.group(2)]}"] = target
+                mapping[f"{root}_{m.group(1)}_{open_clip[m.group(2)]}"] = target
             elif m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                mapping[f"1_model_transformer_resblocks_{m.group(1)}_attn"] = ("mha", component, m.group(1))
+                mapping[f"{root}_{m.group(1)}_attn"] = ("mha", component, m.group(1))
     return mapping
 
 
@@ -256,9 +262,19 @@ _A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_l
                  "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 
 
-def a1111_convert_name(key: str) -> str:
-    """networks.py `convert_diffusers_name_to_compvis` (SD 1.x numbering, two layers per block): a
-    diffusers-layout kohya name -> the original model's module name; other names pass unchanged."""
+def _open_clip_part(part: str) -> str:
+    return part.replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+
+
+def a1111_convert_name(key: str, is_sd2: bool = False) -> str:
+    """networks.py `convert_diffusers_name_to_compvis(key, is_sd2)` (SD 1.x numbering, two layers per
+    block): a diffusers-layout kohya name -> the original model's module name; other names pass
+    unchanged. With `is_sd2` (load_network: the model's mapping has `model_transformer_resblocks`, an
+    OpenCLIP text tower), `lora_te_` names go to OpenCLIP's layout as SDXL's `lora_te2_` ones do."""
+    if is_sd2:
+        m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
+        if m:
+            return f"model_transformer_resblocks_{m[1]}_{_open_clip_part(m[2])}"
     rules = [
         (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[0]}"),
         (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[0]}"),
@@ -276,8 +292,8 @@ def a1111_convert_name(key: str) -> str:
         (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
          lambda m: f"diffusion_model_output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"),
         (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"),
-        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda m: "1_model_transformer_resblocks_{}_{}".format(
-            m[0], m[1].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn"))),
+        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
+         lambda m: f"1_model_transformer_resblocks_{m[0]}_{_open_clip_part(m[1])}"),
     ]
     for pattern, convert in rules:
         m = re.match(pattern, key)
@@ -286,12 +302,18 @@ def a1111_convert_name(key: str) -> str:
     return key
 
 
-def a1111_lookup(key: str, mapping: dict) -> tuple[str, object | None]:
+def a1111_is_sd2(mapping: dict) -> bool:
+    """load_network's `is_sd2`: the model's mapping names OpenCLIP's `model_transformer_resblocks` (its
+    own entry for the ModuleList; here, where only weights are mapped, any name under it)."""
+    return any(k.startswith("model_transformer_resblocks") for k in mapping)
+
+
+def a1111_lookup(key: str, mapping: dict, is_sd2: bool | None = None) -> tuple[str, object | None]:
     """networks.py `load_network`'s search for a file module name: the converted name, then without a
     trailing `_q_proj`/`_k_proj`/`_v_proj` (re_x_proj), then `lora_unet` -> `diffusion_model` (SDXL files
     already carry original names), `lora_te1_text_model` -> `0_transformer_text_model` /
     `transformer_text_model`. Returns (module key, mapping value or None)."""
-    name = a1111_convert_name(key)
+    name = a1111_convert_name(key, a1111_is_sd2(mapping) if is_sd2 is None else is_sd2)
     hit = mapping.get(name)
     if hit is None:
         m = re.match(r"(.*)_([qkv]_proj)$", name)
@@ -480,35 +502,36 @@ class _Applied:
     unread: list[str]  # with why
 
 
-def apply_comfyui(state: dict, layout: Layout) -> _Applied:
+def apply_comfyui(state: dict, layout: Layout, sink: Callable | None = None) -> _Applied:
     keys = comfyui_key_map(layout)
     return _apply(state, layout, _group(state, keys),
-                  lambda name, params: [(keys[name], comfyui_weight(params, layout.weight(keys[name])))])
+                  lambda name, params: [(keys[name], comfyui_weight(params, layout.weight(keys[name])))], sink)
 
 
-def apply_kohya(state: dict, layout: Layout) -> _Applied:
+def apply_kohya(state: dict, layout: Layout, sink: Callable | None = None) -> _Applied:
     names = kohya_module_names(layout)
     groups = {n: g for n, g in _group(state, names).items() if "lora_down.weight" in g}  # modules_dim
     return _apply(state, layout, groups,
-                  lambda name, params: [(names[name], kohya_weight(params, layout.weight(names[name])))])
+                  lambda name, params: [(names[name], kohya_weight(params, layout.weight(names[name])))], sink)
 
 
-def apply_a1111(state: dict, layout: Layout) -> _Applied:
+def apply_a1111(state: dict, layout: Layout, sink: Callable | None = None) -> _Applied:
     mapping = a1111_layer_mapping(layout)
-    hits = {name: a1111_lookup(name, mapping) for name in {k.partition(".")[0] for k in state}}
+    is_sd2 = a1111_is_sd2(mapping)
+    hits = {name: a1111_lookup(name, mapping, is_sd2) for name in {k.partition(".")[0] for k in state}}
     groups = _group(state, {n for n, (_, hit) in hits.items() if hit is not None})
-    # networks.py `network_apply_weights`: a MultiheadAttention (SDXL's OpenCLIP-G) takes its q/k/v and
+    # networks.py `network_apply_weights`: a MultiheadAttention (an OpenCLIP tower) takes its q/k/v and
     # out_proj updates together, only when the file has all four; out_proj alone is never applied there.
     attn = {}
     for name, (key, hit) in hits.items():
-        layer = re.match(r"(1_model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key) if hit else None
+        layer = re.match(r"((?:1_)?model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key) if hit else None
         if layer:
             attn.setdefault(layer.group(1), set()).add(layer.group(2))
     complete = {layer for layer, parts in attn.items() if len(parts) == 4}
 
     def rule(name, params):
         key, hit = hits[name]
-        layer = re.match(r"(1_model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key)
+        layer = re.match(r"((?:1_)?model_transformer_resblocks_\d+_attn)(_[qkv]_proj|_out_proj)$", key)
         if layer and layer.group(1) not in complete:
             raise KeyError("a MultiheadAttention needs q, k, v and out_proj updates together")
         if isinstance(hit, Target):
@@ -518,7 +541,7 @@ def apply_a1111(state: dict, layout: Layout) -> _Applied:
         stacked = torch.cat([layout.weight(t) for t in parts])
         target = parts["qkv".index(which)]
         return [(target, a1111_weight(params, layout.weight(target), orig=stacked))]
-    return _apply(state, layout, groups, rule)
+    return _apply(state, layout, groups, rule, sink)
 
 
 def _text_root(layout: Layout, component: str) -> str:
@@ -526,16 +549,21 @@ def _text_root(layout: Layout, component: str) -> str:
     return "text_model." if first.startswith("text_model.") else ""
 
 
-def _apply(state: dict, layout: Layout, groups: dict, rule: Callable) -> _Applied:
+def _apply(state: dict, layout: Layout, groups: dict, rule: Callable, sink: Callable | None = None) -> _Applied:
     """Run a client's weight rule on each module it found; a module whose weights fail (a shape the
-    client cannot put on that layer) has all its keys counted as not read, as the client skips it."""
+    client cannot put on that layer) has all its keys counted as not read, as the client skips it.
+    With `sink`, each new weight goes to sink(target, weight) as it is made instead of being kept (a
+    file that patches most of the model, checked one layer at a time)."""
     applied = _Applied({}, set(), [])
     for name, params in groups.items():
         try:
             for target, (new, used) in rule(name, params):
                 if tuple(new.shape) != tuple(layout.weight(target).shape):  # a broadcast, not the layer's shape
                     raise ValueError(f"made {tuple(new.shape)} for a {tuple(layout.weight(target).shape)} weight")
-                applied.weights[target] = new if new.is_meta else new.to("cpu")  # off the GPU until swapped in
+                if sink is not None:
+                    sink(target, new)
+                else:
+                    applied.weights[target] = new if new.is_meta else new.to("cpu")  # off the GPU until swapped in
                 applied.read |= {f"{name}.{u}" for u in used}
         except (RuntimeError, ValueError, KeyError, IndexError) as exc:  # the client would log and skip it
             applied.unread.append(f"{name} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})")
@@ -554,15 +582,32 @@ CLIENTS = {
 
 
 def check_file(state: dict, layout: Layout, client: str, compare: bool = True, recommended: bool = True,
-               note: str = "") -> ClientCheck:
+               note: str = "", expected: Callable[[Target, torch.Tensor], torch.Tensor] | None = None) -> ClientCheck:
     """One client's rules applied to a file's tensors: keys read and landing on a weight of the right
     shape; with `compare` (a live model), the UNet's (and text encoders') output with the client's
-    weights against the studio's adapted model, relative to the adapter's change."""
+    weights against the studio's adapted model, relative to the adapter's change.
+
+    With `expected(target, base_weight)` (the weight the studio makes of that layer), the comparison is
+    per layer instead, one at a time (no copy of the model is held): each weight the client makes
+    against the studio's, relative to what the file changes in that layer; equal weights give equal
+    outputs. For files that patch most of the model, such as a LoRA extracted from a full fine-tune."""
     apply, rule = CLIENTS[client]
-    applied = apply(state, layout)
+    worst = [0.0, 0.0, 0.0, 0.0]  # relative, absolute, change, scale
+
+    def against_expected(target: Target, new: torch.Tensor) -> None:
+        base = layout.weight(target).detach()
+        want = expected(target, base).float()
+        diff = float((new.detach().float().to(want.device) - want).abs().max())
+        change = float((want - base.float().to(want.device)).abs().max())
+        relative = diff / change if change > 0 else (0.0 if diff == 0 else float("inf"))
+        worst[:] = max(worst, [relative, diff, change, float(want.abs().max())])
+
+    applied = apply(state, layout, against_expected if expected is not None else None)
     check = ClientCheck(client, rule, matched=len(applied.read), total=len(state), unmatched=applied.unread[:8],
                         recommended=recommended, note=note)
-    if compare and applied.weights:
+    if expected is not None and applied.read:
+        check.max_rel_diff, check.max_abs_diff, check.change, check.scale = worst
+    elif compare and applied.weights:
         check.max_rel_diff, check.max_abs_diff, check.change, check.scale = compare_outputs(layout, applied.weights)
     check.exact = (check.matched == check.total and check.max_rel_diff is not None
                    and (check.max_rel_diff <= TOLERANCE or check.max_abs_diff <= ROUNDING * check.scale))
@@ -663,19 +708,21 @@ def meta_layout(unet_config: dict, text_configs: list[tuple[str, object]] = ()) 
 
 
 def client_checks(state: dict, layout: Layout, recommended: dict[str, bool], notes: dict[str, str] | None = None,
-                  compare: bool = True) -> list[dict]:
+                  compare: bool = True, expected: Callable | None = None) -> list[dict]:
     """Every client's check of one file, as the dicts `export_check.yaml` stores.
 
     Args:
         recommended: client -> whether the studio tells users to load this file there; a client
             missing from it is not checked.
         notes: client -> one sentence shown with its check (why not recommended, what to use instead).
+        expected: check_file's per-layer comparison.
     """
     from dataclasses import asdict
 
     notes = notes or {}
     return [asdict(check_file(state, layout, client, compare=compare, recommended=recommended[client],
-                              note=notes.get(client, ""))) for client in CLIENTS if client in recommended]
+                              note=notes.get(client, ""), expected=expected))
+            for client in CLIENTS if client in recommended]
 
 
 def summary(check: dict) -> str:

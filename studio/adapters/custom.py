@@ -65,14 +65,19 @@ def attach(pipe, cfg) -> None:
     from studio.adapters.lora import freeze
 
     freeze(pipe)  # then only K/V and the new rows train
-    # The base K/V as loaded (a resumed run attaches before restoring): the export writes W1 - W0.
-    # On SD 1.5 ~19 M values, 77 MB in float32, kept on the CPU.
-    pipe.unet._studio_kv_init = {k: w.detach().to("cpu").float().clone() for k, w in kv_weights(pipe.unet).items()}
+    keep_base_kv(pipe.unet)
     for weight in kv_weights(pipe.unet).values():
         weight.requires_grad_(True)
     concepts = _concepts(cfg)
     for tokenizer, encoder in embedding._pairs(pipe):
         encoder._studio_tokens = embedding.add_tokens(tokenizer, encoder, concepts)
+
+
+def keep_base_kv(unet) -> None:
+    """Keep the base K/V as loaded (a resumed run attaches before restoring): the export writes W1 - W0.
+    On SD 1.5 ~19 M values, 77 MB in float32, kept on the CPU (a model on the meta device: there)."""
+    unet._studio_kv_init = {k: (w.detach() if w.is_meta else w.detach().to("cpu")).float().clone()
+                            for k, w in kv_weights(unet).items()}
 
 
 def trainable_parameters(pipe) -> list:
@@ -212,8 +217,10 @@ def export(adapter_dir: Path, pipe) -> list:
     adapter_dir = Path(adapter_dir)
     save_file(diffusers_state_dict(pipe.unet), str(adapter_dir / DIFFUSERS_WEIGHTS))
     reports = [check_diffusers_file(adapter_dir / DIFFUSERS_WEIGHTS, pipe)]
-    save_file(diff_state_dict(pipe.unet), str(adapter_dir / DIFF_WEIGHTS))
+    diff = diff_state_dict(pipe.unet)
+    save_file(diff, str(adapter_dir / DIFF_WEIGHTS))
     reports.append(check_diff_file(adapter_dir / DIFF_WEIGHTS, pipe))
+    reports[-1].clients = diff_client_checks(diff, pipe)
     (adapter_dir / A1111_EMBEDDINGS).mkdir(exist_ok=True)
     for index in range(len(pipe.text_encoder._studio_tokens)):
         token, contents = _embedding_file(pipe, index)
@@ -244,8 +251,41 @@ def diff_state_dict(unet) -> dict:
     out = {}
     for key, weight in kv_weights(unet).items():
         module = key.removesuffix(".weight")
-        out[f"{kohya_module_name(module, unet)}.diff"] = (weight.detach().to("cpu").float() - base[key]).contiguous()
+        weight = weight.detach() if weight.is_meta else weight.detach().to("cpu")
+        out[f"{kohya_module_name(module, unet)}.diff"] = (weight.float() - base[key]).contiguous()
     return out
+
+
+def diff_client_checks(state: dict, pipe) -> list[dict]:
+    """The `.diff` file through ComfyUI's and AUTOMATIC1111's own rules (studio.adapters.clients): keys
+    read onto a weight of the right shape, and the UNet's output with each client's weights (base K/V +
+    diff, strength 1) against the trained model's, relative to what training changed in it. kohya's
+    networks/lora.py reads lora_down/lora_up only, so its check shows what it would skip.
+
+    The base K/V are in place while the clients' weights are made (a client patches the base model) and
+    the trained ones come back afterwards, bit for bit."""
+    import torch
+
+    from studio.adapters import clients
+    from studio.adapters.lora import client_layout
+
+    layout = client_layout(pipe)
+    run = clients._runner("unet", pipe.unet)
+    kv, base = kv_weights(pipe.unet), base_kv(pipe.unet)
+    trained = {key: weight.data for key, weight in kv.items()}
+    with torch.no_grad():
+        studio = run()
+        try:
+            for key, weight in kv.items():
+                weight.data = base[key].to(weight.device, weight.dtype)
+            layout.reference["unet"] = (studio, run())  # (the trained model's output, the base model's)
+            note = {clients.KOHYA: "networks/lora.py reads lora_down/lora_up only; kohya's tools have no "
+                                   "reader for full weight differences (use the diffusers files there)"}
+            return clients.client_checks(state, layout, {clients.COMFYUI: True, clients.A1111: True,
+                                                         clients.KOHYA: False}, note)
+        finally:
+            for key, weight in kv.items():
+                weight.data = trained[key]
 
 
 def client_module_names(unet) -> dict[str, str]:

@@ -58,16 +58,18 @@ def extract(tuned, base, rank: int) -> tuple[dict[str, torch.Tensor], float]:
 
     Returns:
         (state dict under kohya key names, share of the squared Frobenius norm of all differences that
-        the kept singular values hold: 1.0 at full rank).
+        the kept singular values hold: 1.0 at full rank; NaN for models on the meta device, whose
+        files have the real names and shapes but no values).
     """
     bases = target_layers(base)
     state, kept, total = {}, 0.0, 0.0
     for path, layer in target_layers(tuned).items():
-        diff = layer.weight.detach().float().cpu() - bases[path].weight.detach().float().cpu()
+        diff = _host(layer.weight.detach().float()) - _host(bases[path].weight.detach().float())
         matrix = diff.reshape(diff.shape[0], -1)  # a convolution: (out, in x kh x kw)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         r = min(rank, *matrix.shape)
-        kept, total = kept + float((s[:r] ** 2).sum()), total + float((s ** 2).sum())
+        if not diff.is_meta:
+            kept, total = kept + float((s[:r] ** 2).sum()), total + float((s ** 2).sum())
         up, down = u[:, :r] * s[:r], vh[:r]
         if diff.dim() == 4:
             up, down = up.reshape(diff.shape[0], r, 1, 1), down.reshape(r, *diff.shape[1:])
@@ -75,7 +77,15 @@ def extract(tuned, base, rank: int) -> tuple[dict[str, torch.Tensor], float]:
         state[f"{name}.lora_up.weight"] = up.contiguous()
         state[f"{name}.lora_down.weight"] = down.contiguous()
         state[f"{name}.alpha"] = torch.tensor(float(r))  # alpha = rank: scale 1, as kohya writes it
+    if any(v.is_meta for v in state.values()):
+        return state, float("nan")
     return state, (kept / total if total else 1.0)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """On the CPU; a tensor on the meta device (a model built from a real config: names and shapes
+    only) stays there."""
+    return t if t.is_meta else t.cpu()
 
 
 @torch.no_grad()
@@ -105,8 +115,7 @@ def apply_file(unet, state: dict[str, torch.Tensor], strength: float = 1.0, expe
         if layer is None or up is None or down is None:
             bad += keys
             continue
-        alpha = float(state.get(f"{stem}.alpha", torch.tensor(float(down.shape[0]))))
-        delta = (up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()) * (alpha / down.shape[0])
+        delta = _delta(state, stem)
         if delta.numel() != layer.weight.numel() or delta.shape[0] != layer.weight.shape[0]:
             bad += keys
             continue
@@ -121,6 +130,36 @@ def apply_file(unet, state: dict[str, torch.Tensor], strength: float = 1.0, expe
             want = old + (e_up.reshape(e_up.shape[0], -1) @ e_down.reshape(e_down.shape[0], -1)).reshape(old.shape)
             worst = max(worst, float((layer.weight.detach().float().cpu() - want).abs().max()))
     return bad, worst
+
+
+def _delta(state: dict, stem: str) -> torch.Tensor:
+    """up @ down x alpha / rank of one module (alpha defaults to the rank), as a (out, in...) matrix."""
+    up, down = state[f"{stem}.lora_up.weight"], state[f"{stem}.lora_down.weight"]
+    alpha = float(state.get(f"{stem}.alpha", torch.tensor(float(down.shape[0]))))
+    return (up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()) * (alpha / down.shape[0])
+
+
+def client_checks(state: dict, base) -> list[dict]:
+    """The file through ComfyUI's, AUTOMATIC1111's and kohya's own rules (studio.adapters.clients) on the
+    base UNet: keys each client reads onto a weight of the right shape, and each weight it makes
+    against the studio's own reading of the same file (W + up @ down x alpha / rank), one layer at a
+    time, so that no copy of a model this size is held. Run before the file is applied to `base`."""
+    from studio.adapters import clients
+
+    def expected(target, weight):
+        delta = _delta(state, kohya_module_name(target.module, base))
+        return weight.float() + delta.to(weight.device).reshape(weight.shape)
+
+    recommended, notes = {c: True for c in clients.CLIENTS}, {}
+    sdxl = getattr(base.config, "addition_embed_type", None) == "text_time"
+    if not sdxl and base.config.up_block_types[0].startswith("CrossAttn"):
+        # networks.py `convert_diffusers_name_to_compvis` puts up_blocks.0's upsampler in slot 1 of its
+        # output block, as in SD 1.x/2.x, whose first up block has no attention; here it has (SDXL's
+        # files carry the original names and are not converted).
+        recommended[clients.A1111] = False
+        notes[clients.A1111] = ("AUTOMATIC1111's name rule assumes SD 1.x/2.x's block layout, which this model "
+                                "does not have, so it misses the first up block's upsampler")
+    return clients.client_checks(state, clients.Layout(base), recommended, notes, expected=expected)
 
 
 def unet_input(unet, resolution: int) -> dict:
@@ -177,6 +216,7 @@ def extract_and_check(out_dir: Path, tuned, base, rank: int, resolution: int, te
     tuned_out, base_out = _output(tuned, inputs), _output(base, inputs)
     written = load_file(str(path))
     report.missing_keys = sorted(set(state) - set(written))
+    report.clients = client_checks(written, base)
     report.unexpected_keys, report.max_abs_diff = apply_file(base, written, expected=state)
     lora_out = _output(base, inputs)
     moved = float((tuned_out - base_out).abs().mean())
