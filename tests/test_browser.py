@@ -613,7 +613,13 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     before = set(workspace.joinpath("evals").glob("*")) if workspace.joinpath("evals").is_dir() else set()
     eval_plan = page.locator("#eval-plan")
     expect(eval_plan).to_contain_text(re.compile(r"\d+ images \(\d+ points × \d+ prompts × 1 seeds\)"))
-    told_images = int(re.search(r"(\d+) images", eval_plan.inner_text())[1])
+    # The plan follows each typed value as its update arrives: read it once it has stopped changing.
+    told, steady_since = eval_plan.inner_text(), time.monotonic()
+    while time.monotonic() - steady_since < 2.0:
+        page.wait_for_timeout(250)
+        if (now := eval_plan.inner_text()) != told:
+            told, steady_since = now, time.monotonic()
+    told_images = int(re.search(r"(\d+) images", told)[1])
     page.locator("#eval-start").click()
     eval_status = page.locator("#eval-status")
     # The status line may still show an earlier evaluation's result: wait for this one's folder to finish.
