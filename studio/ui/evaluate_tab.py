@@ -220,7 +220,7 @@ def forecast(studio: Studio, model, data: dict) -> str:
         images, points, prompts = count_images(cfg)
     except (gr.Error, StudioError, OSError, ValueError, TypeError):
         return ""
-    return (f"⏱ {images} images ({points} points × {prompts} prompts × {cfg.seeds} seeds). "
+    return (f"{images} images ({points} points × {prompts} prompts × {cfg.seeds} seeds). "
             + eval_forecast(studio.workspace.evals, vars(cfg), images).message)
 
 

@@ -186,7 +186,7 @@ def forecast(studio: Studio, values: dict) -> str:
         settings["model"] = settings.get("model") or studio.default_model
         if not settings.get("resolution"):
             settings["resolution"] = load_dataset(_dataset_path(studio, values["dataset"])).resolution
-        return "⏱ " + train_forecast(studio.workspace.runs, settings).message
+        return train_forecast(studio.workspace.runs, settings).message
     except (StudioError, gr.Error, OSError, ValueError, TypeError):  # no dataset yet, a half-typed number...
         return ""
 
