@@ -78,15 +78,20 @@ def follow(prompt: str, auto: str, studio: Studio, value: str | None):
     unless the person has written a prompt of their own (one that differs from the last suggestion).
     Unchanged values are no updates, so an event that read the form before a previous one changed it
     does not write the old prompt back."""
-    from studio.generate import suggested_prompt
-
-    try:
-        suggestion = suggested_prompt(str(choice_path(studio, value))) if value else None
-    except StudioError:
-        suggestion = None
+    suggestion = suggestion_for(studio, value)
     if suggestion is None or (prompt or "").strip() != (auto or "").strip():
         return gr.update(), gr.update()
     return suggestion, suggestion
+
+
+def suggestion_for(studio: Studio, value: str | None) -> str | None:
+    """The prompt the studio suggests for an adapter choice (its run's trigger and class words), if any."""
+    from studio.generate import suggested_prompt
+
+    try:
+        return suggested_prompt(str(choice_path(studio, value))) if value else None
+    except StudioError:
+        return None
 
 
 def open_run(studio: Studio, value: str, scale: float, prompt: str, auto: str):
@@ -271,8 +276,10 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         extra = [r["value"] for r in back if r.get("value") and r["value"] not in known]
         updates = forms.restored(values, list(form))
         text = (values or {}).get("prompt")
-        auto_update = text if text else gr.update()
         first = next((r["value"] for r in back if r.get("value")), None)
+        # A stored prompt the studio had suggested stays a suggestion (a later pick may replace it); one the
+        # person wrote stays theirs, so that no adapter row drawn after the reload writes over it.
+        auto_update = text if text and text.strip() in (DEFAULT_PROMPT, suggestion_for(studio, first)) else gr.update()
         if not text and first:  # a prompt the studio set (never typed) is not stored: suggest it again
             updates[0], auto_update = follow(DEFAULT_PROMPT, DEFAULT_PROMPT, studio, first)
         return [*updates, back or gr.update(), adapter_options(studio, extra), auto_update]

@@ -121,7 +121,9 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
 
     start.click(on_start, inputs=set(form.values()), outputs=[runs, status, timer]).then(
         save_all, list(form.values()), [saved, done], show_progress="hidden")
-    cancel.click(friendly(lambda: _cancel(studio)), None, [status])
+    # Each handler that writes the status line keeps the timer going while the run is live: an answer that
+    # arrives after the tick that drew the run's end would otherwise leave its older line standing.
+    cancel.click(friendly(lambda: _cancel(studio)), None, [status, timer])
     resume.click(lambda run_id: _on_resume(studio, run_id), [runs], [status, timer])
     ended = gr.State(None)  # the run the page last saw end: its timing may change the forecast
     timer.tick(lambda run_id: _tick(studio, run_id), [runs], [status, loss, samples, timer, ended],
@@ -134,7 +136,7 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     for control in plan_inputs:
         control.change(on_plan, plan_inputs, [plan], show_progress="hidden")
     ended.change(on_plan, plan_inputs, [plan], show_progress="hidden")
-    runs.change(lambda run_id: run_view(studio, run_id), [runs], [status, loss, samples])
+    runs.change(lambda run_id: _shown(studio, run_id), [runs], [status, loss, samples, timer])
 
     def restore(values):
         allowed = {"dataset": lambda v: v in studio.workspace.list_datasets(),
@@ -166,11 +168,22 @@ def _on_resume(studio: Studio, run_id: str | None):
         return f"**Not resumed:** {message}", gr.update()
 
 
-def _tick(studio: Studio, run_id: str | None):
-    """The live view while a run goes; the timer stops after drawing the run's end."""
+def _live(studio: Studio) -> bool:
     job = studio.jobs.current()
-    live = job is not None and job.kind == "train" and job.active
+    return job is not None and job.kind == "train" and job.active
+
+
+def _tick(studio: Studio, run_id: str | None):
+    """The live view while a run goes; the timer stops after drawing the run's end. Whether the run is
+    live is read before its events, so a view drawn before the end keeps the timer for one more tick."""
+    live = _live(studio)
     return (*run_view(studio, run_id), gr.Timer(active=live), gr.update() if live else run_id)
+
+
+def _shown(studio: Studio, run_id: str | None):
+    """The view of a run just picked (or just started), with the timer on while a run is live."""
+    live = _live(studio)
+    return (*run_view(studio, run_id), gr.Timer(active=True) if live else gr.update())
 
 
 def forecast(studio: Studio, values: dict) -> str:
@@ -242,14 +255,15 @@ def _resume(studio: Studio, run_id: str | None) -> str:
     return f"**{run_id}** — resuming from step {last.step}…"
 
 
-def _cancel(studio: Studio) -> str:
+def _cancel(studio: Studio):
+    """(status line, timer): the timer is on until the tick that draws how the run ended."""
     job = studio.jobs.current()
     if studio.jobs.cancel():
         if job is not None:
             _CANCELLING.add(job.job_id)
-        return "Cancelling after the current step; the adapter so far will be saved."
+        return "Cancelling after the current step; the adapter so far will be saved.", gr.Timer(active=True)
     gr.Info("No run is in progress.")
-    return gr.update()  # the status line keeps saying how the shown run ended
+    return gr.update(), gr.update()  # the status line keeps saying how the shown run ended
 
 
 def run_view(studio: Studio, run_id: str | None):
