@@ -572,7 +572,10 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     # Playground: the README's prompt and guidance; the LoRA changes the picture.
     open_tab(page, "Playground")
     choose(page, "play-adapter-0", run_id)
-    page.locator("#play-prompt textarea, #play-prompt input").first.fill(readme["prompt"])
+    prompt_box = page.locator("#play-prompt textarea, #play-prompt input").first
+    # Picking the run puts its own words in the prompt; a person sees that before writing their own.
+    expect(prompt_box).to_have_value(f"a photo of {readme['token']} {readme['class_word']}", timeout=15 * SECOND)
+    prompt_box.fill(readme["prompt"])
     set_number(page, page.get_by_label("number input for Guidance"), readme["guidance"])
     page.locator("#play-generate").click()
     expect(page.locator("#play-timing")).to_contain_text("rendered in", timeout=90 * SECOND)

@@ -46,6 +46,11 @@ def restored(saved: dict | None, names: list[str], allowed: dict[str, Callable[[
     return out
 
 
+def known(values) -> bool:
+    """A stored form (a dict) or list of rows (a list) that holds something."""
+    return isinstance(values, (dict, list)) and bool(values)
+
+
 def restore_once(state: gr.BrowserState, done: gr.State, restore: Callable, inputs: list,
                  outputs: list) -> Callable:
     """Apply a stored form once per page, whenever it becomes known, and never over the person's edits.
@@ -59,11 +64,11 @@ def restore_once(state: gr.BrowserState, done: gr.State, restore: Callable, inpu
     Returns fn for the page's load event: fn(values, done, *inputs) -> (*updates, done).
     """
     def on_load(values, already, *rest):
-        stored = isinstance(values, dict) and bool(values) and not already
+        stored = known(values) and not already
         return [*restore(values if stored else None, *rest), already or stored]
 
     def on_read(values, already, *rest):
-        if already or not (isinstance(values, dict) and values):
+        if already or not known(values):
             return [*[gr.update() for _ in outputs], already]
         return [*restore(values, *rest), True]
 

@@ -250,7 +250,8 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         home_files = gr.File(label="Files to download", file_count="multiple", elem_id="play-home-files")
 
     form = {"prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "guidance": guidance}
-    saved = forms.remember("playground-form", form)
+    done = gr.State(False)  # this page has its form and rows: restored from the browser, or edited
+    saved = forms.remember("playground-form", form, edited=done)
     saved_rows = gr.BrowserState([], storage_key="concept-studio-playground-adapters", secret=forms._SECRET)
     fixed = [model_box, prompt, negative, seed, steps, guidance]
 
@@ -280,13 +281,28 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
         # A stored prompt the studio had suggested stays a suggestion (a later pick may replace it); one the
         # person wrote stays theirs, so that no adapter row drawn after the reload writes over it.
         auto_update = text if text and text.strip() in (DEFAULT_PROMPT, suggestion_for(studio, first)) else gr.update()
-        if not text and first:  # a prompt the studio set (never typed) is not stored: suggest it again
+        # A stored form without a prompt of the person's: the restored run's words are suggested again. Not
+        # before the stored form is known: a read of the rows alone must not write over a prompt it holds.
+        if forms.known(values) and not text and first:
             updates[0], auto_update = follow(DEFAULT_PROMPT, DEFAULT_PROMPT, studio, first)
         return [*updates, back or gr.update(), adapter_options(studio, extra), auto_update]
 
+    outputs = [*form.values(), rows, options, auto]
+
+    def once(values, adapters, already):
+        """Apply the stored form and rows once per page, whenever either becomes known: each BrowserState
+        may be read after the page's load event, and then arrives as a change of that state. An edit of
+        the form, or a first restore, ends it, so a late read never undoes what the person did."""
+        if already or not (forms.known(values) or forms.known(adapters)):
+            return [*[gr.update() for _ in outputs], already]
+        return [*restore(values, adapters), True]
+
+    for state in (saved, saved_rows):
+        state.change(once, [saved, saved_rows, done], [*outputs, done], show_progress="hidden",
+                     api_visibility="private")
     return {"rows": rows, "options": options, "prompt": prompt, "auto": auto, "generate": generate,
             "saved_rows": saved_rows,
-            "restore": dict(fn=restore, inputs=[saved, saved_rows], outputs=[*form.values(), rows, options, auto],
+            "restore": dict(fn=once, inputs=[saved, saved_rows, done], outputs=[*outputs, done],
                             show_progress="hidden")}
 
 
