@@ -327,7 +327,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         emit(events.Phase("exporting", "Saving the adapter, exporting and checking its files…", state["step"]))
         _save(adapter, pipe, paths.adapter, cfg, spec, state["step"])
         _checkpoint(adapter, pipe, stepper, cfg, spec, paths, emit, state["step"], time.perf_counter() - start)
-        _export(adapter, pipe, paths, emit, state["step"])
+        _export(adapter, pipe, paths, emit, state["step"], cfg.resolution)
         if status == "completed":
             if cfg.sample_prompts:
                 emit(events.Phase("final_sample", "Drawing the final sample…", state["step"]))
@@ -708,7 +708,7 @@ def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, em
     emit(events.Checkpoint(step, str(folder.relative_to(paths.root))))
 
 
-def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
+def _export(adapter, pipe, paths: RunPaths, emit, step: int, resolution: int) -> None:
     """Community-format copies of the final adapter, each read back by an independent loader, and
     stamped with the ss_* / modelspec.* fields the clients show (base model, trigger word, steps...)."""
     from studio.adapters import metadata
@@ -717,7 +717,10 @@ def _export(adapter, pipe, paths: RunPaths, emit, step: int) -> None:
     export = getattr(adapter, "export", None)
     if export is None:
         return
-    with models.CONSTRUCTION_LOCK:  # the checks build fresh copies of the model
+    from studio.adapters import probe
+
+    # whole-UNet checks at the size the adapter was trained at, not the model's native one
+    with models.CONSTRUCTION_LOCK, probe.at_resolution(resolution, getattr(pipe, "vae_scale_factor", 8)):
         reports = export(paths.adapter, pipe)
     metadata.stamp_reports(paths.adapter, reports, metadata.family_of(pipe))
     write_reports(paths.adapter, reports)

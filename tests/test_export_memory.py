@@ -30,10 +30,10 @@ def export_spy(monkeypatch):
             seen["deepcopies"].append(type(obj).__name__)
         return real_deepcopy(obj, *args, **kwargs)
 
-    def export(adapter, pipe, paths, emit, step):
+    def export(adapter, pipe, paths, emit, step, *args):
         seen["inside"] = True
         try:
-            real_export(adapter, pipe, paths, emit, step)
+            real_export(adapter, pipe, paths, emit, step, *args)
         finally:
             seen["inside"] = False
         from studio.adapters.checks import read_reports
@@ -61,6 +61,31 @@ def test_export_checks_copy_no_unet(method, extra, export_spy, dataset_dir, tiny
     assert reports and all(r.ok for r in reports), [r.summary() for r in reports]
     assert all(r.max_abs_diff is not None for r in reports)  # every check compared outputs
     assert export_spy["deepcopies"] == [] and export_spy["unets"] == 0
+
+
+@pytest.mark.parametrize("method", ["lora", "lokr"])
+def test_whole_unet_checks_run_at_the_training_resolution(method, export_spy, dataset_dir, tiny_model, tmp_path,
+                                                          monkeypatch):
+    """The clients' output comparison (and LyCORIS's) runs the UNet at the size the run trained at, not the
+    model's native size (SD 1.5: 512 px, four times the pixels of a 256 px run)."""
+    from diffusers import UNet2DConditionModel
+
+    sizes = []
+    real_forward = UNet2DConditionModel.forward
+
+    def forward(self, sample, *args, **kwargs):
+        if export_spy["inside"]:
+            sizes.append(tuple(sample.shape[-2:]))
+        return real_forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    cfg = build_config(values=dict(model="tiny", dataset=str(dataset_dir), method=method, steps=2, resolution=32,
+                                   learning_rate=1e-2, sample_every=0, sample_prompts=[]))
+    result = train.run(cfg, tmp_path / "run")
+    assert result.status == "completed", result.message
+    assert all(r.ok for r in export_spy["reports"]), [r.summary() for r in export_spy["reports"]]
+    native = UNet2DConditionModel.load_config(tiny_model / "unet")["sample_size"]
+    assert sizes and set(sizes) == {(16, 16)} and native == 32  # 32 px through the tiny VAE's factor 2
 
 
 def test_the_check_leaves_the_trained_unet_as_it_was(dataset_dir, tiny_model, tmp_path):

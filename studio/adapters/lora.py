@@ -412,8 +412,10 @@ def _adapted_modules(unet, adapter: str) -> set[str]:
 def _fixed_unet_input(unet) -> dict:
     import torch
 
+    from studio.adapters import probe
+
     g = torch.Generator().manual_seed(0)
-    c, size = unet.config, unet.config.sample_size
+    c, size = unet.config, probe.latent_size(unet)
     device = next(unet.parameters()).device
     inputs = dict(sample=torch.randn(1, c.in_channels, size, size, generator=g).to(device),
                   timestep=torch.tensor([500], device=device),

@@ -16,6 +16,7 @@ does not adapt) is reported by the caller as a missing (or unexpected) key.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterable
 
 import torch
@@ -35,6 +36,26 @@ def float32(modules: Iterable[torch.nn.Module]):
     finally:
         for tensor, dtype in saved:
             tensor.data = tensor.data.to(dtype)
+
+
+# The latent size a whole-UNet check runs at (studio.adapters.clients, the LyCORIS reference): the
+# training resolution's, set by the run around its export; the UNet's own sample_size (SD 1.5: 512 px,
+# four times the pixels of a 256 px run) where none is set, as in a check run by hand.
+_LATENT: ContextVar[int | None] = ContextVar("studio_check_latent", default=None)
+
+
+@contextmanager
+def at_resolution(pixels: int, vae_scale_factor: int):
+    """Whole-UNet checks inside the block run at `pixels` (the training resolution)."""
+    token = _LATENT.set(max(8, int(pixels) // int(vae_scale_factor)))
+    try:
+        yield
+    finally:
+        _LATENT.reset(token)
+
+
+def latent_size(unet) -> int:
+    return _LATENT.get() or int(unet.config.sample_size)
 
 
 def layer_input(layer: torch.nn.Module, generator: torch.Generator) -> torch.Tensor:
