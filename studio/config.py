@@ -7,15 +7,13 @@ every error names the field and the bad value.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from studio import limits
+from studio import fields, limits
 from studio.errors import StudioError
 from studio.paths import write_text_atomically
 
@@ -28,9 +26,7 @@ LRSchedule = Literal["constant", "cosine"]
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+    return fields.setting(text, default, factory)
 
 
 @dataclass
@@ -129,61 +125,20 @@ class TrainConfig:
 
 
 def field_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+    return fields.help_of(TrainConfig)
 
 
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    return fields.types_of(TrainConfig)
 
 
 def field_kind(name: str) -> tuple[type, tuple]:
     """(int | float | bool | str | list, the allowed values for a Literal field): what a form control needs."""
-    tp = _field_types()[name]
-    if typing.get_origin(tp) is Literal:
-        return str, typing.get_args(tp)
-    return (typing.get_origin(tp) or tp), ()
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, t) for t in typing.get_args(tp))
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (list, tuple):
-        return "a list"
-    return getattr(tp, "__name__", str(tp))
+    return fields.kind(_field_types()[name])
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    for name, tp in _field_types().items():
-        value = getattr(cfg, name)
-        if tp in (int, float) and isinstance(value, str):
-            # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it plainly is.
-            try:
-                value = tp(value)
-                setattr(cfg, name, value)
-            except ValueError:
-                pass
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(cfg, name, float(value))
-        elif not _type_ok(value, tp):
-            raise StudioError(f"Setting '{name}' must be {_describe(tp)}, got {value!r}.")
+    fields.check_types(cfg)
 
 
 def coerce(name: str, text: str) -> Any:
@@ -191,29 +146,7 @@ def coerce(name: str, text: str) -> Any:
     types_ = _field_types()
     if name not in types_:
         raise StudioError(f"Unknown setting '{name}'; known settings are: {', '.join(sorted(types_))}.")
-    tp = types_[name]
-    try:
-        if tp is bool:
-            if text.lower() in ("true", "yes", "1", "on"):
-                return True
-            if text.lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError(text)
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        if typing.get_origin(tp) in (list, tuple):
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError:  # "{token} on a beach" is not YAML (braces): read it as a comma list
-                if text.lstrip().startswith("["):
-                    raise ValueError(text) from None
-                value = None
-            return value if isinstance(value, list) else [s.strip() for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise StudioError(f"Setting '{name}' must be {_describe(tp)}, got {text!r}.") from None
-    return text
+    return fields.coerce(types_[name], name, text)
 
 
 def merge(base: dict[str, Any], updates: dict[str, Any], source: str) -> dict[str, Any]:
