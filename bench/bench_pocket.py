@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from studio import models
     from studio.evaluate.embedders import ClipEmbedder
-    from studio.pocket import quality
+    from pocket import quality
 
     print(f"torch threads {args.threads}; model {models.builtin_dir()}")
     if args.walkthrough_only:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     pipe = models.load_pipeline(models.resolve("builtin"))
     import random
 
-    from studio.pocket import world
+    from pocket import world
 
     rng = random.Random(1)
     rendered = [world.render(s, rng) for s in held]
@@ -106,7 +106,7 @@ def demo_lora(args, tmp: Path) -> None:
     import csv
     import subprocess
 
-    from studio.pocket import quality
+    from pocket import quality
 
     cwd = tmp / "user"
     cwd.mkdir()

@@ -12,7 +12,7 @@ VAE's decoder further with its encoder frozen, so the latents do not change; the
 tower and the VAE's encoder. clip and vae are independent and may run at the same time in two processes.
 A stage that was interrupted continues from its last checkpoint in --work when started again; a
 finished stage is not rerun.
-Step counts and batch sizes are in studio/pocket/fit.py (STAGES); --steps overrides a stage's count.
+Step counts and batch sizes are in pocket/fit.py (STAGES); --steps overrides a stage's count.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import torch
 
     from studio.models import quiet_libraries
-    from studio.pocket import fit
+    from pocket import fit
 
     torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -185,7 +185,7 @@ def stage_write(args, fit, log) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
 
-    from studio.pocket import POCKET_VERSION
+    from studio.models import POCKET_VERSION
 
     names = ORDER[:-1]
     trained = {n: json.loads((_done(args, n) / "trained.json").read_text()) for n in names}
@@ -200,7 +200,7 @@ def stage_write(args, fit, log) -> None:
 
 
 def write_demo(out: Path) -> int:
-    from studio.pocket.world import demo_images
+    from pocket.world import demo_images
 
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(demo_images()):

@@ -7,7 +7,7 @@ the model's own for any kind of base.
 
 'builtin' is the pocket model shipped in assets/pocket-sd: a small Stable Diffusion (VAE, CLIP text
 encoder with the real CLIP vocabulary, UNet) trained on the pocket world of 64-px shapes
-(studio/pocket, scripts/train_pocket.py). It follows prompts such as "a big red star on a white
+(pocket/, scripts/train_pocket.py). It follows prompts such as "a big red star on a white
 background" and is what the studio uses when no hub can be reached.
 
 'tiny' and 'builtin-sdxl' are tiny SD 1.x and SDXL models with random weights, written as diffusers
@@ -40,6 +40,10 @@ DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 POCKET_DIR = ASSETS / "pocket-sd"
+# Bump when the shipped pocket weights change: caches keyed on the built-in model (class images) are redrawn.
+# scripts/train_pocket.py stamps it into assets/pocket-sd/studio_builtin.json; the training code (pocket/)
+# stays outside the studio package, and this constant is all the runtime needs of it.
+POCKET_VERSION = 4
 # Bump when the tiny model's definition changes, so cached copies are rewritten.
 TINY_VERSION = 1
 BUILTIN_MARKER = "studio_builtin.json"
@@ -94,8 +98,6 @@ def builtin_sdxl_dir() -> Path:
 
 def builtin_version(name: str) -> str | None:
     """A key that changes when a built-in model's weights change (None for other models)."""
-    from studio.pocket import POCKET_VERSION
-
     return {BUILTIN: f"pocket-v{POCKET_VERSION}", TINY: f"tiny-v{TINY_VERSION}",
             BUILTIN_SDXL: f"builtin-sdxl-v{BUILTIN_SDXL_VERSION}"}.get(name)
 

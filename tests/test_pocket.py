@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from studio.pocket import quality, world
+from pocket import quality, world
 
 # Held-out combinations: neither model saw these captions in training (asserted below).
 PROMPTS = ["a big red circle on a black background, on the left",
@@ -72,7 +72,7 @@ def test_the_decoder_stage_trains_the_decoder_alone(tmp_path):
     """vae_decoder keeps the encoder (and so the latents a UNet trained on) exactly as they were."""
     import torch
 
-    from studio.pocket import fit, nets
+    from pocket import fit, nets
 
     torch.manual_seed(0)
     vae = nets.new_vae()
@@ -88,7 +88,7 @@ def test_the_decoder_stage_trains_the_decoder_alone(tmp_path):
 def test_the_judges_image_degradations_are_seeded_and_mild():
     import torch
 
-    from studio.pocket import fit
+    from pocket import fit
 
     rng = random.Random(0)
     train, _ = world.split()
@@ -172,3 +172,45 @@ def test_missing_pocket_model_is_one_sentence(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "POCKET_DIR", tmp_path / "pocket-sd")
     with pytest.raises(StudioError, match="built-in model is missing"):
         models.resolve("builtin")
+
+
+def test_the_runtime_never_imports_the_training_code():
+    """The pocket package (world, nets, fit, quality) trains and measures the shipped weights; the studio only
+    loads them. No import statement anywhere in studio/, lazy ones inside functions included, names it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "studio" / "pocket").exists()
+    found = []
+    for path in sorted((root / "studio").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names
+                      if n.split(".")[0] == "pocket" or n.startswith("studio.pocket")]
+    assert not found, found
+
+
+def test_loading_the_builtin_model_needs_only_the_runtime():
+    """In a fresh interpreter, every studio module (the CLI and the UI's included) imported and the built-in
+    model resolved and keyed leave no pocket module loaded; the key's version is the shipped weights' own."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from studio import models
+
+    code = ("import importlib, pkgutil, sys, studio\n"
+            "for m in pkgutil.walk_packages(studio.__path__, 'studio.'): importlib.import_module(m.name)\n"
+            "from studio import models\n"
+            "models.resolve('builtin'); print(models.builtin_version('builtin'))\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'pocket' or k.startswith('studio.pocket')))\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    key, loaded = out.stdout.strip().splitlines()[-2:]
+    assert loaded == "[]", loaded
+    shipped = json.loads((models.POCKET_DIR / models.BUILTIN_MARKER).read_text())["version"]
+    assert key == f"pocket-v{shipped}" == f"pocket-v{models.POCKET_VERSION}"

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from studio import events
-from studio.pocket import quality
+from pocket import quality
 
 REPO = Path(__file__).resolve().parents[1]
 # Appended to the README's commands: fewer training steps, samples and denoising steps; everything else as written.

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from studio.pocket import nets, world
+from pocket import nets, world
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, as CLIPImageProcessor applies it
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from studio.pocket import world
+from pocket import world
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "assets" / "demo-concept"
 DEMO_TOKEN, DEMO_CLASS = "sks", "shape"
 README = REPO / "README.md"

@@ -15,7 +15,7 @@ Arithmetic that sets the sizes:
 
 from __future__ import annotations
 
-from studio.pocket.world import RESOLUTION
+from pocket.world import RESOLUTION
 
 WIDTH = 64  # CLIP width in both towers = the UNet's cross-attention dimension
 LATENT_FACTOR = 4
