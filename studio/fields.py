@@ -15,12 +15,15 @@ from typing import Any, Literal
 
 import yaml
 
+from studio import limits
 from studio.errors import StudioError
 
 
-def setting(help: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, label: str = ""):
-    """A dataclass field with its help text (and the label a form shows, if it differs from the name)."""
-    metadata = {"help": help, "label": label}
+def setting(help: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, label: str = "",
+            bounds: tuple[float, float] | None = None, above: float | None = None):
+    """A dataclass field with its help text, the label a form shows (if it differs from the name), and for
+    numbers the range `check` holds it to: `bounds` (lowest, highest), `above` a value it must exceed."""
+    metadata = {"help": help, "label": label, "bounds": bounds, "above": above}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -130,3 +133,16 @@ def coerce(tp: Any, name: str, text: str, what: str = "Setting") -> Any:
     except (ValueError, TypeError):
         raise StudioError(f"{what} '{name}' must be {describe(tp)}, got {text!r}.") from None
     return text
+
+
+def check(obj, what: str = "Setting") -> None:
+    """Types (check_types), then each number inside its field's bounds: one sentence naming the first
+    that is not."""
+    check_types(obj, what)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("bounds") is not None:
+            low, high = f.metadata["bounds"]
+            limits.check_range(f.name, value, low, high, label=f"{what} '{f.name}'")
+        if f.metadata.get("above") is not None and value <= f.metadata["above"]:
+            raise StudioError(f"{what} '{f.name}' must be greater than {f.metadata['above']:g}, got {value!r}.")

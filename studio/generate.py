@@ -17,7 +17,6 @@ from pathlib import Path
 from studio import adapters, limits, models, preflight
 from studio.adapters import community
 from studio.errors import StudioError
-from studio.paths import LORA_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -78,21 +77,21 @@ def _file_key(path: Path) -> str:
 class _Loaded:
     version: str  # modification time and size of the weights file
     name: str  # adapter name inside the pipeline
-    module: object  # the adapter module that loaded it (for a file: community.LoadedLora / LoadedEmbedding)
+    module: object  # the adapters.Method that loaded it (for a file: community.LoadedLora / LoadedEmbedding);
+    # either has `caps` (adapters.base.Capabilities), `unload` and `set_scale`
     folder: Path  # the adapter folder, or the file
     kind: str = ""
 
     @property
     def exact_at_zero(self) -> bool:
-        """At peft scale 0 its layers add exactly nothing (LoRA, LoHa, LoKr: the update is multiplied by
-        the scale). DoRA's learned magnitude rescales the base weight whatever the scale, so it is
-        switched off instead."""
-        return _peft_scaled(self.module) and self.kind != "dora"
+        """At peft scale 0 its layers add exactly nothing (the update is multiplied by the scale); a kind
+        whose learned part does not scale (capability zero_is_base off) is switched off instead."""
+        return _peft_scaled(self.module) and self.module.caps.zero_is_base
 
 
 def _peft_scaled(module) -> bool:
     """Scaled through peft's set_adapters (rather than by the module's own set_scale)."""
-    return module.HAS_SCALE and not hasattr(module, "set_scale")
+    return module.caps.scaling == "peft"
 
 
 NOTICE = "studio_notice"  # key in a generated image's `info` for a sentence the user should see
@@ -114,8 +113,7 @@ def _model_folder(choice: AdapterChoice) -> str | None:
     if is_file_choice(choice):
         return None
     folder = adapters.find_adapter_dir(Path(choice.path))
-    module = adapters.module_for(adapters.read_meta(folder).kind)
-    return str(folder) if getattr(module, "SAVES_MODEL", False) else None
+    return str(folder) if adapters.get(adapters.read_meta(folder).kind).caps.saves_model else None
 
 
 def split_choices(model: str, choices: list[AdapterChoice]) -> tuple[str, list[AdapterChoice]]:
@@ -214,8 +212,8 @@ class Playground:
             return self._load_file(pipe, Path(choice.path))
         folder = adapters.find_adapter_dir(Path(choice.path))
         meta = adapters.read_meta(folder)
-        module = adapters.module_for(meta.kind)
-        weights = (folder / getattr(module, "WEIGHTS", LORA_WEIGHTS)).resolve()  # LoHa/LoKr: peft's file
+        module = adapters.get(meta.kind)
+        weights = (folder / module.caps.weights_file).resolve()  # the file whose change is a new version
         preflight.check_safetensors(weights, "Adapter file")  # a pickle under that name never reaches a loader
         stat = weights.stat()
         version = f"{stat.st_mtime_ns}:{stat.st_size}"
@@ -273,8 +271,7 @@ class Playground:
         loaded = self._loaded.pop(key)
         if _peft_scaled(loaded.module):
             pipe.delete_adapters(loaded.name)
-        if hasattr(loaded.module, "unload"):
-            loaded.module.unload(pipe, loaded.folder)
+        loaded.module.unload(pipe, loaded.folder)
 
     def set_scales(self, model: str, choices: list[AdapterChoice], vae: str = "") -> float:
         """Apply scales in place (loading any adapter not yet loaded); returns the seconds it took.
@@ -300,13 +297,12 @@ class Playground:
                       if _peft_scaled(l.module) and (c.scale != 0 or l.exact_at_zero)]
             if not any(scale for _, scale in scaled):
                 scaled = []  # every peft adapter at 0: the base model's own path, with no adapter layers run
-            keep = {str(l.folder) for c, l in wanted if l.module.HAS_SCALE or c.scale != 0}
+            keep = {str(l.folder) for c, l in wanted if l.module.caps.has_scale or c.scale != 0}
             for key, loaded in list(self._loaded.items()):
                 if not _peft_scaled(loaded.module) and str(loaded.folder) not in keep:
                     self._unload(pipe, key)
             for choice, loaded in wanted:
-                if hasattr(loaded.module, "set_scale"):
-                    loaded.module.set_scale(pipe, loaded.folder, float(choice.scale))
+                loaded.module.set_scale(pipe, loaded.folder, float(choice.scale))  # scaling "own" only
             if scaled:
                 adapters.set_scales(pipe, [n for n, _ in scaled], [s for _, s in scaled])
             elif any(_peft_scaled(l.module) for l in self._loaded.values()):

@@ -15,15 +15,13 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed; 
 MAX_STEPS = 100_000  # optimizer steps: DreamBooth uses ~1,000, a long LoRA run 10,000
 MAX_DENOISE_STEPS = 1000  # SD's schedulers have 1,000 training timesteps: more steps than that is an error
 
-# TrainConfig field -> (lowest, highest). Fields not listed here have no numeric range (text, choices).
+# TrainConfig field -> (lowest, highest). Fields not listed here have no numeric range (text, choices); a
+# method's own settings declare theirs where they are defined (studio.fields.setting's bounds).
 TRAIN_RANGES: dict[str, tuple[float, float]] = {
     "steps": (1, MAX_STEPS),
     "batch_size": (1, 256),  # images per step; SD 1.5 at 512 px fits ~64 on an 80 GB GPU
     "gradient_accumulation_steps": (1, 1024),
     "repeats": (1, 1000),
-    "rank": (1, 1024),
-    "extract_rank": (0, 1024),  # 0: no LoRA extracted from a full fine-tune
-    "alpha": (0, 1e6),  # and greater than 0
     "learning_rate": (0, 1.0),  # and greater than 0: AdamW diverges well below 1; 0, nan and inf never train
     "lr_warmup_steps": (0, MAX_STEPS),
     "max_grad_norm": (0, 1e6),
@@ -38,7 +36,6 @@ TRAIN_RANGES: dict[str, tuple[float, float]] = {
     "checkpoint_minutes": (0, 24 * 60),
     "seed": (0, SEED_MAX),
     "flip_p": (0, 1),
-    "lokr_factor": (-1, 1024),
 }
 MAX_RESOLUTION = 2048  # pixels: SDXL trains at 1024
 
@@ -71,11 +68,8 @@ def check_train_settings(cfg) -> None:
     for name, (low, high) in TRAIN_RANGES.items():
         if hasattr(cfg, name):
             check_range(name, getattr(cfg, name), low, high)
-    for name in ("learning_rate", "alpha"):
-        if getattr(cfg, name) <= 0:
-            raise StudioError(f"Setting '{name}' must be greater than 0, got {getattr(cfg, name)!r}.")
-    if cfg.lokr_factor == 0:
-        raise StudioError("Setting 'lokr_factor' must be -1 (the most square split) or a factor of 1 or more, got 0.")
+    if cfg.learning_rate <= 0:
+        raise StudioError(f"Setting 'learning_rate' must be greater than 0, got {cfg.learning_rate!r}.")
     if cfg.resolution and (cfg.resolution < 32 or cfg.resolution % 8 or cfg.resolution > MAX_RESOLUTION):
         raise StudioError(f"Setting 'resolution' must be 0 or a multiple of 8 from 32 to {MAX_RESOLUTION}, "
                           f"got {cfg.resolution}.")

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from studio import events
+from studio.config import flatten
 
 # The settings that decide how long a step takes; a run differing in any of them is no probe for another.
 STEP_COST = ("model", "vae", "method", "resolution", "batch_size", "gradient_accumulation_steps",
@@ -39,13 +40,17 @@ def _same_model(a, b) -> bool:
         return False
 
 
+def _off(value):
+    return None if value is False else value
+
+
 def _matches(earlier: dict, wanted: dict, keys) -> bool:
     for key in keys:
         if key in ("model", "vae"):
             if not (earlier.get(key) in (None, "") and wanted.get(key) in (None, "")) and not _same_model(
                     earlier.get(key), wanted.get(key)):
                 return False
-        elif earlier.get(key) != wanted.get(key):
+        elif _off(earlier.get(key)) != _off(wanted.get(key)):  # a method without the option: as off
             return False
     return True
 
@@ -68,13 +73,17 @@ def _newest_first(root: Path, config_name: str):
 
 
 def train_forecast(runs_root: Path, settings: dict) -> Forecast:
-    """The time a run of `settings` (TrainConfig fields, resolution resolved) should take here."""
+    """The time a run of `settings` (TrainConfig fields, resolution resolved; flat, or in config.yaml's
+    sections) should take here."""
+    settings = flatten(settings)
     steps = int(settings.get("steps") or 0)
     for config_path in _newest_first(Path(runs_root), "config.yaml"):
         try:
             earlier = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             continue
+        if isinstance(earlier, dict):
+            earlier = flatten(earlier)  # the sectioned layout (or an older run's flat one)
         if not isinstance(earlier, dict) or not _matches(earlier, settings, STEP_COST):
             continue
         timed = _timed(config_path.parent, "step")

@@ -25,7 +25,7 @@ import torch
 
 from studio import adapters, checkpoints, distributed, events, models, preflight, prior
 from studio.adapters import AdapterMeta
-from studio.config import TrainConfig, build_config, load_run_config, save_config
+from studio.config import TrainConfig, from_saved, load_run_config, save_config
 from studio.data.captions import render
 from studio.data.dataset import ConceptDataset, DatasetSpec, load_dataset, load_pixels
 from studio.errors import DISK_FULL, StudioError, disk_full
@@ -104,9 +104,6 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
     if RunPaths(Path(run_dir)).config.exists():
         raise StudioError(f"Run folder '{run_dir}' already holds a run; choose a new output folder, "
                           "or resume it with `python -m studio train --resume`.")
-    if cfg.train_text_encoder and cfg.method not in TEXT_ENCODER_METHODS:
-        raise StudioError(f"Setting 'train_text_encoder' works with the lora, dora and full methods, not "
-                          f"'{cfg.method}'; turn it off or choose one of those.")
     w = distributed.world()
     if cfg.batch_size % w.size:
         raise StudioError(f"Setting 'batch_size' ({cfg.batch_size}) is the global batch and must be a multiple of "
@@ -116,9 +113,6 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[TrainConfig, DatasetSpec, 
                               "extra_datasets": [str(Path(d).resolve()) for d in cfg.extra_datasets],
                               "resolution": cfg.resolution or spec.resolution})
     return resolved, spec, ref
-
-
-TEXT_ENCODER_METHODS = ("lora", "dora", "full")  # methods with a `train_text_encoder` option
 
 
 def _check_before_loading(cfg: TrainConfig) -> None:
@@ -186,10 +180,10 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
     paths = RunPaths(Path(run_dir))
     if not paths.config.exists():
         raise StudioError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote.")
-    values = load_run_config(paths.config)
+    values = load_run_config(paths.config)  # the sectioned layout, or an older run's flat one
     if steps is not None:
         values["steps"] = steps
-    cfg = build_config(values=values)
+    cfg = from_saved(values)
     spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model, cfg.vae)
     _check_extra(spec, cfg.extra_datasets)
     last = checkpoints.latest(paths)
@@ -260,13 +254,13 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         if w.main:
             distributed.barrier(w)
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    adapter = adapters.module_for(cfg.method)
+    adapter = adapters.get(cfg.method)
     with models.CONSTRUCTION_LOCK:  # new layers: never while another thread loads a model
-        adapter.attach(pipe, cfg)
-    if getattr(adapter, "TRAINS_TEXT", False) or cfg.train_text_encoder:  # the captions' encoding changes
+        adapter.attach(pipe, adapters.setup_for(cfg))
+    if adapter.trains_text(cfg.adapter):  # the captions' encoding changes
         frozen.text, frozen.pooled = None, None
         frozen.token_ids = tokenize_all(pipe, frozen.captions, device)
-        if cfg.train_text_encoder and frozen.class_text is not None:  # so do the class prompts' (new rows of
+        if adapter.trains_text_weights(cfg.adapter) and frozen.class_text is not None:  # so do the class prompts' (new rows of
             # textual inversion are not in them): the prior term then reaches the encoder's weights too
             frozen.class_ids = tokenize_all(pipe, frozen.class_prompts, device)
     params = adapter.trainable_parameters(pipe)
@@ -274,7 +268,7 @@ def _train(cfg, spec, ref, paths, emit, should_stop, state, resume_from, pause_a
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    optimizer = _optimizer(cfg, params, device, getattr(adapter, "WEIGHT_DECAY", 1e-2))
+    optimizer = _optimizer(cfg, params, device, adapter.caps.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     stepper = _Stepper(pipe, frozen, cfg, device, dtype, optimizer, schedule, params, w)
     if resume_from is not None:
@@ -683,8 +677,10 @@ class _Stepper:
 def _save(adapter, pipe, out_dir: Path, cfg, spec, step) -> None:
     adapter.save(pipe, out_dir)
     adapters.write_meta(out_dir, AdapterMeta(kind=cfg.method, base_model=cfg.model, token=spec.token,
-                                             class_word=spec.class_word, step=step, rank=cfg.rank,
-                                             alpha=cfg.alpha, has_scale=adapter.HAS_SCALE, vae=cfg.vae,
+                                             class_word=spec.class_word, step=step,
+                                             rank=getattr(cfg.adapter, "rank", None),
+                                             alpha=getattr(cfg.adapter, "alpha", None),
+                                             has_scale=adapter.caps.has_scale, vae=cfg.vae,
                                              base_hash=models.base_record(cfg.model)["base_hash"]))
 
 
@@ -692,7 +688,7 @@ def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, em
     """An adapter usable on its own, plus what resume needs (trainable weights, optimizer state)."""
     folder = paths.checkpoint(step)
     try:
-        if getattr(adapter, "SAVES_MODEL", False):
+        if adapter.caps.saves_model:
             # A whole model per checkpoint would be a second multi-GB copy beside trainable.safetensors,
             # which already holds every trained weight: such checkpoints keep only what resume needs.
             folder.mkdir(parents=True, exist_ok=True)
@@ -711,17 +707,12 @@ def _checkpoint(adapter, pipe, stepper: _Stepper, cfg, spec, paths: RunPaths, em
 def _export(adapter, pipe, paths: RunPaths, emit, step: int, resolution: int) -> None:
     """Community-format copies of the final adapter, each read back by an independent loader, and
     stamped with the ss_* / modelspec.* fields the clients show (base model, trigger word, steps...)."""
-    from studio.adapters import metadata
+    from studio.adapters import metadata, probe
     from studio.adapters.checks import write_reports
-
-    export = getattr(adapter, "export", None)
-    if export is None:
-        return
-    from studio.adapters import probe
 
     # whole-UNet checks at the size the adapter was trained at, not the model's native one
     with models.CONSTRUCTION_LOCK, probe.at_resolution(resolution, getattr(pipe, "vae_scale_factor", 8)):
-        reports = export(paths.adapter, pipe)
+        reports = adapter.export(paths.adapter, pipe)
     metadata.stamp_reports(paths.adapter, reports, metadata.family_of(pipe))
     write_reports(paths.adapter, reports)
     for report in reports:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from studio.config import load_run_config
+
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 SHOTS = REPO / "docs" / "screenshots"
@@ -403,7 +405,7 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
         page.locator("#train-start").click()
         run_id = wait_for_run(page, workspace, previous)
         assert run_id.endswith(form["method"]), run_id
-        config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+        config = load_run_config(workspace / "runs" / run_id / "config.yaml")
         assert config["method"] == form["method"], (name, config["method"])
         assert config["model"] == "tiny" and config["dataset"].endswith("preset-check")
         for key, value in {**preset, **typed}.items():
@@ -420,11 +422,63 @@ def test_every_preset_trains_its_own_method(page, app_url, photos):
         type_into(page, key, value)
     page.locator("#train-start").click()
     run_id = wait_for_run(page, workspace, previous)
-    config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+    config = load_run_config(workspace / "runs" / run_id / "config.yaml")
     dreambooth = load_preset("dreambooth")
     assert config["method"] == "lora" and config["prior_preservation"] is True
     assert same(config["learning_rate"], dreambooth["learning_rate"])
     stop_run(page, run_id)
+    context.close()
+
+
+def test_the_train_tab_shows_the_chosen_methods_settings_and_trains_them(page, app_url, photos):
+    """Each method's own settings show while it is chosen and no others; what is typed into them is what the
+    run trains with (config.yaml on disk), and no other method's setting reaches the run."""
+    from playwright.sync_api import expect
+
+    from studio import adapters
+    from studio.data.dataset import prep_folder
+    from studio.ui.train_tab import METHOD
+
+    workspace: Path = app_url["workspace"]
+    prep_folder(photos["good"][0].parent, workspace / "datasets" / "method-check", "sks", "toy", 64)
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30 * SECOND)
+    page = context.new_page()
+    page.goto(app_url["url"])
+    open_tab(page, "Train")
+    choose(page, "train-dataset", "method-check")
+    choose(page, "train-preset", "(none)")
+    page.locator("#model-box textarea, #model-box input").first.fill("tiny")
+    for method in ("lora", "lokr", "oft", "embedding", "full"):
+        choose(page, "train-method", method)
+        own = set(adapters.get(method).setting_names())
+        for name in METHOD:
+            control = page.locator(f"#train-{name}")
+            if name in own:
+                expect(control).to_be_visible()
+            else:
+                expect(control).to_be_hidden()
+    typed = {"oft": {"oft_block_size": 16}, "lokr": {"lokr_factor": 4, "rank": 2}, "embedding": {}}
+    previous = None
+    for method, values in typed.items():
+        choose(page, "train-method", method)
+        type_into(page, "steps", 1)
+        for name, value in values.items():
+            type_into(page, name, value)
+        if method == "embedding":
+            box = page.locator("#train-initializer_token textarea, #train-initializer_token input").first
+            box.fill("toy")
+            box.press("Tab")
+            values = {"initializer_token": "toy"}
+        page.locator("#train-start").click()
+        run_id = wait_for_run(page, workspace, previous)
+        config = load_run_config(workspace / "runs" / run_id / "config.yaml")
+        assert config["method"] == method
+        for name, value in values.items():
+            assert config[name] == value, (method, name, config[name])
+        assert not set(config) & (set(METHOD) - set(adapters.get(method).setting_names())), (method, sorted(config))
+        stop_run(page, run_id)
+        previous = run_id
     context.close()
 
 
@@ -545,7 +599,7 @@ def test_readme_walkthrough_in_the_ui(page, app_url):
     page.locator("#train-start").click()
     run_id = wait_for_run(page, workspace, shown_before)
     run = workspace / "runs" / run_id
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = load_run_config(run / "config.yaml")
     assert config["model"] == "builtin" and config["steps"] == WALKTHROUGH_STEPS
     resolved = ("model", "dataset", "steps", "resolution")  # the run writes these resolved, or typed them
     assert {k: v for k, v in config.items() if k not in resolved} == {

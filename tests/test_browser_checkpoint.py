@@ -7,8 +7,7 @@ import re
 import time
 from pathlib import Path
 
-import yaml
-
+from studio.config import load_run_config
 from tests import ldm_files
 from tests.test_browser import (SECOND, app_url, choose, open_tab, page, photos, type_into,  # noqa: F401 (fixtures)
                                 wait_for_run)
@@ -43,7 +42,7 @@ def test_a_checkpoint_file_and_a_vae_typed_in_train_reopen_in_evaluate_and_playg
     vae_box.press("Tab")
     page.locator("#train-start").click()
     run_id = wait_for_run(page, workspace)
-    config = yaml.safe_load((workspace / "runs" / run_id / "config.yaml").read_text())
+    config = load_run_config(workspace / "runs" / run_id / "config.yaml")
     assert config["model"] == str(checkpoint.resolve()) and config["vae"] == str(vae_file.resolve())
     expect(page.locator("#train-status")).to_contain_text(re.compile(rf"{re.escape(run_id)}.*completed"),
                                                           timeout=600 * SECOND)  # a loaded 2-core machine: ~60 s a step

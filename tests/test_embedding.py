@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio import models, train
+from studio import adapters, models, train
 from studio.adapters import checks, embedding
 from studio.config import build_config
 from studio.generate import AdapterChoice, GenerateRequest, Playground
@@ -56,7 +56,7 @@ def test_the_new_row_starts_from_the_initializer_word(dataset_dir, tiny_model):
     pipe = models.load_pipeline(models.resolve("tiny"))
     weight = pipe.text_encoder.get_input_embeddings().weight
     toy = weight[pipe.tokenizer.encode("toy", add_special_tokens=False)[0]].detach().clone()
-    embedding.attach(pipe, config(dataset_dir, initializer_token="toy"))
+    embedding.attach(pipe, adapters.setup_for(config(dataset_dir, initializer_token="toy")))
     token_id = pipe.tokenizer.convert_tokens_to_ids("sks")
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), toy)
     assert pipe.tokenizer("sks").input_ids == [49406, token_id, 49407]  # one token, not BPE pieces

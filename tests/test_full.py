@@ -259,7 +259,7 @@ def test_prior_term_reaches_a_trained_text_encoder(dataset_dir, tiny_model, tmp_
     data = [train.ConceptDataset(dataset_dir, cfg.resolution)]
     frozen = train._cache_frozen(pipe, data, "cpu", torch.float32, False)
     train._cache_class(pipe, frozen, cfg, [spec], "cpu", torch.float32, lambda e: None, lambda: False)
-    full.attach(pipe, cfg)
+    full.attach(pipe, adapters.setup_for(cfg))
     frozen.text, frozen.pooled = None, None
     frozen.token_ids = train.tokenize_all(pipe, frozen.captions, "cpu")
     frozen.class_ids = train.tokenize_all(pipe, frozen.class_prompts, "cpu")

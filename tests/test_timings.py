@@ -37,9 +37,9 @@ def test_train_forecast_scales_the_earlier_runs_probe(dataset_dir, tmp_path, cap
     assert f"About {events.clock(expected)} on this machine" in told
 
     # The newest timed run is the probe; a run at other settings is none.
-    import yaml
+    from studio.config import load_run_config
 
-    settings = yaml.safe_load((runs / "second" / "config.yaml").read_text())
+    settings = load_run_config(runs / "second" / "config.yaml")
     second_probe = next(e for e in events.read_events(runs / "second" / "events.jsonl") if e.kind == "estimate")
     assert f"at {second_probe.unit_s:.2f} s a step, as run 'second'" in train_forecast(runs, settings).message
     for changed in ({"batch_size": settings["batch_size"] * 2}, {"resolution": 32}, {"method": "dora"},

@@ -1,8 +1,11 @@
-"""Adapters: one module per parametrisation, all with the same interface, chosen by name.
+"""Adapters: one module per parametrisation, all keeping one contract (studio.adapters.base), chosen by name.
 
 Each run's adapter folder holds the weights and `adapter.yaml`, which says what the weights are
 (kind, base model, trigger token, class word, whether a scale applies), so the playground and the
 evaluation can load any run, the CLI's included, without its config.
+
+A new method is one module and one entry in REGISTRY below; the training loop, the Playground, the
+config and the UI find its kinds, capabilities and settings here.
 """
 
 from __future__ import annotations
@@ -12,20 +15,37 @@ from pathlib import Path
 
 import yaml
 
-from studio.adapters import custom, embedding, full, lora, lycoris, pivotal
+from studio.adapters import custom, embedding, full, lora, lycoris, oft, pivotal
+from studio.adapters.base import ATTENTION, LOCON_MODULES, Capabilities, Concept, Method, Setup, methods_of
 from studio.errors import StudioError
 from studio.paths import ADAPTER_META, recover_folder, write_text_atomically
 
-# kind -> module; a module may serve several kinds (LoRA and DoRA differ only in one flag).
-ADAPTERS = {kind: module for module in (lora, lycoris, embedding, pivotal, full, custom) for kind in module.KINDS}
+# kind -> Method; a module may serve several kinds (LoRA and DoRA differ only in one flag).
+REGISTRY: dict[str, Method] = {kind: method for module in (lora, lycoris, oft, embedding, pivotal, full, custom)
+                               for kind, method in methods_of(module).items()}
+ADAPTERS = {kind: method.module for kind, method in REGISTRY.items()}  # kind -> module
+# Peft layers whose strength peft does not set (its set_scale ignores them): each module's
+# `scale_layer(layer, name, scale) -> bool` sets it, and says whether the layer was one of its own.
+LAYER_SCALERS = [m.scale_layer for m in dict.fromkeys(ADAPTERS.values()) if hasattr(m, "scale_layer")]
 
-# LoCon (kohya): beyond attention, the ResNet convolutions, the transformer's in/out projections
-# and its feed-forward layers. peft matches these names as suffixes of module paths.
-LOCON_MODULES = ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+__all__ = ["ATTENTION", "LOCON_MODULES", "Capabilities", "Concept", "Method", "REGISTRY", "Setup", "get",
+           "module_for", "setup_for"]
 
 
-def target_modules(cfg) -> list[str]:
-    return list(cfg.target_modules) + (LOCON_MODULES if cfg.locon else [])
+def get(kind: str) -> Method:
+    if kind not in REGISTRY:
+        raise StudioError(f"Adapter kind '{kind}' is not supported; supported kinds: {', '.join(REGISTRY)}.")
+    return REGISTRY[kind]
+
+
+def setup_for(cfg) -> Setup:
+    """What `attach` gets for a training config: the method's settings and the concepts of the run's
+    dataset(s), read here once so that no adapter reads dataset files itself."""
+    from studio.data.dataset import load_dataset
+
+    specs = [load_dataset(Path(d)) for d in [cfg.dataset, *cfg.extra_datasets]]
+    return Setup(kind=cfg.method, settings=cfg.adapter, concepts=tuple(Concept(s.token, s.class_word) for s in specs),
+                 model=cfg.model, resolution=cfg.resolution)
 
 
 def set_scales(pipe, names: list[str], scales: list[float]) -> None:
@@ -46,6 +66,8 @@ def set_scales(pipe, names: list[str], scales: list[float]) -> None:
     for scaling, layer, index, numerator, denominator in entries:
         if scaling is None:
             layer.set_scale(names[index], scales[index])
+        elif callable(scaling):  # a layer its own adapter module scales (LAYER_SCALERS)
+            scaling(layer, names[index], scales[index])
         else:
             scaling[names[index]] = scales[index] * numerator / denominator
 
@@ -53,7 +75,8 @@ def set_scales(pipe, names: list[str], scales: list[float]) -> None:
 def _scale_entries(pipe, names: list[str], scales: list[float]) -> list[tuple]:
     """(scaling dict, layer, adapter index, alpha, r or sqrt(r)) for every adapter in every adapter layer;
     where the kept formula does not reproduce what peft set, (None, layer, index, ...) and the layer's
-    own set_scale is used instead."""
+    own set_scale is used instead; for a layer an adapter module scales itself (LAYER_SCALERS), (its
+    scale_layer, layer, index, ...), the scale being set as the layer is found."""
     import math
 
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -65,6 +88,10 @@ def _scale_entries(pipe, names: list[str], scales: list[float]) -> list[tuple]:
                 continue
             scaling = getattr(layer, "scaling", None)
             for index, name in enumerate(names):
+                own = next((f for f in LAYER_SCALERS if f(layer, name, scales[index])), None)  # set as found
+                if own is not None:
+                    entries.append((own, layer, index, None, None))
+                    continue
                 if not isinstance(scaling, dict) or name not in scaling:
                     continue
                 if name in getattr(layer, "lora_alpha", {}):  # LoRA, DoRA
@@ -142,9 +169,8 @@ def read_meta(adapter_dir: Path) -> AdapterMeta:
 
 
 def module_for(kind: str):
-    if kind not in ADAPTERS:
-        raise StudioError(f"Adapter kind '{kind}' is not supported; supported kinds: {', '.join(ADAPTERS)}.")
-    return ADAPTERS[kind]
+    """The module behind a kind (see `get` for its Method: capabilities and settings)."""
+    return get(kind).module
 
 
 def find_adapter_dir(path: Path) -> Path:

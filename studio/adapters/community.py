@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.adapters.base import Capabilities
 from studio.errors import StudioError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -402,18 +403,32 @@ class LoadedLora:
     """What the Playground keeps for a loaded LoRA/LyCORIS file: a peft LoRA adapter, scaled by peft."""
 
     HAS_SCALE = True
+    # A file's DoRA magnitude does not scale either: such a file is switched off at 0, as a run's DoRA is.
+    caps = Capabilities("peft")
 
     def __init__(self, report: FileReport):
         self.report = report
+        if report.kind == "dora":
+            self.caps = Capabilities("peft", zero_is_base=False)
+
+    def unload(self, pipe, _path) -> None:
+        """Nothing beyond peft's delete_adapters, which the Playground calls for every peft adapter."""
+
+    def set_scale(self, pipe, _path, scale: float) -> None:
+        """Scaled by peft (studio.adapters.set_scales), not here."""
 
 
 class LoadedEmbedding:
     """A loaded embedding: on or off (no strength), unloaded by its tokens."""
 
     HAS_SCALE = False
+    caps = Capabilities("none")
 
     def __init__(self, report: FileReport):
         self.report = report
+
+    def set_scale(self, pipe, _path, scale: float) -> None:
+        """No strength: on at any scale but 0 (the Playground unloads it at 0)."""
 
     def unload(self, pipe, _path) -> None:
         for tokenizer, encoder in _text_pairs(pipe):

@@ -33,15 +33,17 @@ import json
 from pathlib import Path
 
 from studio.adapters import embedding
+from studio.adapters.base import Capabilities, Setup
 from studio.errors import StudioError
 from studio.paths import staging, swap_into_place
 
 KINDS = ("custom",)
-HAS_SCALE = True  # through set_scale: W = W0 + s (W1 - W0), in place; the Playground calls it
-TRAINS_TEXT = True  # the new rows learn: captions are encoded every step
-# No weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py).
-WEIGHT_DECAY = 0.0
 WEIGHTS = "custom_kv.safetensors"
+# Scaled by its own set_scale: W = W0 + s (W1 - W0), in place; the new rows learn, so captions are encoded
+# every step; no weight decay, which would move the frozen vocabulary rows (see embedding.py).
+CAPABILITIES = {"custom": Capabilities("own", trains_text=True, adds_tokens=True, weights_file=WEIGHTS,
+                                       weight_decay=0.0)}
+SETTINGS = {"custom": embedding.Settings}  # the first concept's initializer word
 EMBEDDINGS = "embeddings"
 
 
@@ -51,24 +53,22 @@ def kv_weights(unet) -> dict:
             for name, module in unet.named_modules() if name.endswith("attn2") for proj in ("to_k", "to_v")}
 
 
-def _concepts(cfg) -> list[tuple[str, str]]:
-    """(token, initializer word) per concept: the dataset's, then each extra dataset's."""
-    from studio.data.dataset import load_dataset
-
-    specs = [load_dataset(Path(d)) for d in [cfg.dataset, *cfg.extra_datasets]]
-    inits = [(cfg.initializer_token or specs[0].class_word.split()[-1]).strip()]
-    inits += [s.class_word.split()[-1] for s in specs[1:]]
-    return [(s.token, init) for s, init in zip(specs, inits)]
+def _concepts(setup: Setup) -> list[tuple[str, str]]:
+    """(token, initializer word) per concept: the dataset's (its initializer word as set), then each extra
+    dataset's (its class word's last word)."""
+    first, *rest = setup.concepts
+    return [(first.token, setup.settings.initializer(first.class_word))] + \
+        [(c.token, c.class_word.split()[-1]) for c in rest]
 
 
-def attach(pipe, cfg) -> None:
+def attach(pipe, setup: Setup) -> None:
     from studio.adapters.lora import freeze
 
     freeze(pipe)  # then only K/V and the new rows train
     keep_base_kv(pipe.unet)
     for weight in kv_weights(pipe.unet).values():
         weight.requires_grad_(True)
-    concepts = _concepts(cfg)
+    concepts = _concepts(setup)
     for tokenizer, encoder in embedding._pairs(pipe):
         encoder._studio_tokens = embedding.add_tokens(tokenizer, encoder, concepts)
 

@@ -16,16 +16,34 @@ ComfyUI read as it is and diffusers loads with one `load_textual_inversion` call
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from studio.adapters.base import Capabilities, Setup
 from studio.errors import StudioError
+from studio.fields import check, setting
 from studio.paths import staging, swap_into_place
 
+
+@dataclass
+class Settings:
+    initializer_token: str = setting("Textual inversion: the word the new token's embedding starts from; empty takes "
+                                     "the class word's last word.", "", label="Initializer word")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def initializer(self, class_word: str) -> str:
+        return (self.initializer_token or class_word.split()[-1]).strip()
+
+
 KINDS = ("embedding",)
-HAS_SCALE = False
-TRAINS_TEXT = True  # the text encoder's input changes during training: no cached text embeddings
-WEIGHT_DECAY = 0.0  # decay would move the frozen rows too
 WEIGHTS = "learned_embeds.safetensors"
+# On or off (no strength); the text encoder's input changes during training: no cached text embeddings;
+# no weight decay, which would move the frozen rows too.
+CAPABILITIES = {"embedding": Capabilities("none", trains_text=True, adds_tokens=True, weights_file=WEIGHTS,
+                                          weight_decay=0.0)}
+SETTINGS = {"embedding": Settings}
 A1111_DIR = "embeddings_a1111"  # <token>.safetensors: the file AUTOMATIC1111 and ComfyUI read
 
 
@@ -45,15 +63,14 @@ def _pairs(pipe) -> list:
     return pairs
 
 
-def attach(pipe, cfg) -> None:
+def attach(pipe, setup: Setup) -> None:
     from studio.adapters.lora import freeze
-    from studio.data.dataset import load_dataset
 
-    spec = load_dataset(Path(cfg.dataset))
-    init = (cfg.initializer_token or spec.class_word.split()[-1]).strip()
+    concept = setup.concepts[0]
+    init = setup.settings.initializer(concept.class_word)
     freeze(pipe)
     for tokenizer, encoder in _pairs(pipe):
-        (encoder._studio_token,) = add_tokens(tokenizer, encoder, [(spec.token, init)])
+        (encoder._studio_token,) = add_tokens(tokenizer, encoder, [(concept.token, init)])
 
 
 def add_tokens(tokenizer, encoder, concepts: list[tuple[str, str]]) -> list[tuple[str, int]]:

@@ -25,33 +25,52 @@ studio's, one component at a time on the CPU, without building a second model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from studio.adapters.base import Capabilities, Setup
 from studio.adapters.lora import ldm_module_name, text_encoders
 from studio.errors import StudioError
+from studio.fields import check, setting
 from studio.paths import staging, swap_into_place
 
 log = logging.getLogger(__name__)
 
+@dataclass
+class Settings:
+    train_text_encoder: bool = setting("Fine-tune the whole text encoder(s) too (DreamBooth's variant that learns how "
+                                       "the trigger word is read), at more memory per step.", False,
+                                       label="Train the text encoder too")
+    extract_rank: int = setting("Also write a kohya LoRA of this rank extracted from the difference to the base model "
+                                "(truncated SVD, as kohya's extract_lora_from_models.py does), a small file to share, "
+                                "with how much its output differs from the fine-tune in the export report; 0 writes "
+                                "none. 32-128 is common.", 0, label="Extract a LoRA of rank", bounds=(0, 1024))
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 KINDS = ("full",)
-HAS_SCALE = False
-SAVES_MODEL = True  # checkpoints keep trainable.safetensors (the whole UNet) and no second model copy
+# A whole model, on or off: checkpoints keep trainable.safetensors (the whole UNet) and no second model copy.
+CAPABILITIES = {"full": Capabilities("none", text_encoder_option=True, saves_model=True)}
+SETTINGS = {"full": Settings}
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_LOADER = "diffusers single-file converters (from_single_file's convert_ldm_*)"
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 
-def attach(pipe, cfg) -> None:
+def attach(pipe, setup: Setup) -> None:
     """Make the whole UNet trainable, and the text encoder(s) when `train_text_encoder` is set (their
     outputs are then computed every step); the VAE is frozen (its posteriors are cached)."""
+    settings = setup.settings
     pipe.vae.requires_grad_(False)
     for _, encoder in text_encoders(pipe):
-        encoder.requires_grad_(bool(getattr(cfg, "train_text_encoder", False)))
+        encoder.requires_grad_(bool(settings.train_text_encoder))
     pipe.unet.requires_grad_(True)
     # What export needs to extract a LoRA from the fine-tune (setting extract_rank; 0: none).
-    pipe._studio_extract = dict(rank=int(getattr(cfg, "extract_rank", 0)), model=cfg.model,
-                                resolution=cfg.resolution, text=bool(getattr(cfg, "train_text_encoder", False)))
+    pipe._studio_extract = dict(rank=int(settings.extract_rank), model=setup.model, resolution=setup.resolution,
+                                text=bool(settings.train_text_encoder))
 
 
 def trainable_parameters(pipe) -> list:

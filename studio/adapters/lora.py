@@ -1,44 +1,56 @@
 """LoRA and DoRA on the UNet through peft; saved in diffusers' LoRA format.
 
-The interface every adapter module shares: KINDS, HAS_SCALE, attach, trainable_parameters, save,
-load_into. Scales are set for all peft kinds alike by `studio.adapters.set_scales`.
+The adapter contract (studio.adapters.base): KINDS, CAPABILITIES, SETTINGS, attach, trainable_parameters,
+save, load_into, export. Scales are set for all peft kinds alike by `studio.adapters.set_scales`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from studio.adapters.base import Capabilities, LowRank, Setup
+from studio.fields import setting
 from studio.paths import LORA_WEIGHTS, staging, swap_into_place
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class Settings(LowRank):
+    train_text_encoder: bool = setting("Also adapt the text encoder's attention (q, k, v, out) with the same rank: "
+                                       "learns how the trigger word is read, at more memory per step.", False,
+                                       label="Train the text encoder too")
+
+
 KINDS = ("lora", "dora")
-HAS_SCALE = True
+# DoRA's learned magnitude rescales the base weight whatever the scale: at 0 it is switched off instead.
+CAPABILITIES = {"lora": Capabilities("peft", text_encoder_option=True),
+                "dora": Capabilities("peft", zero_is_base=False, text_encoder_option=True)}
+SETTINGS = {"lora": Settings, "dora": Settings}
 
 
-def attach(pipe, cfg) -> None:
+def attach(pipe, setup: Setup) -> None:
     """Freeze the whole model and add one trainable adapter (name 'default') to the configured modules,
     and to the text encoder(s) with `train_text_encoder`; nothing else trains or is checkpointed."""
     freeze(pipe)
-    add_adapters(pipe, cfg)
+    add_adapters(pipe, setup.settings, dora=setup.kind == "dora")
 
 
-def add_adapters(pipe, cfg) -> None:
+def add_adapters(pipe, settings: LowRank, dora: bool = False) -> None:
     """The trainable LoRA/DoRA layers alone, on a model whose other weights are frozen already."""
     from peft import LoraConfig
 
-    from studio.adapters import target_modules
-
     # Gaussian init of A with B = 0 (Hu et al. 2021): the adapter starts as an exact no-op. DoRA
     # (Liu et al. 2024) adds a per-output-channel magnitude, initialised to the weight's norm.
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                        target_modules=target_modules(cfg), use_dora=cfg.method == "dora")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, init_lora_weights="gaussian",
+                        target_modules=settings.modules(), use_dora=dora)
     pipe.unet.add_adapter(config)
-    if getattr(cfg, "train_text_encoder", False):
+    if getattr(settings, "train_text_encoder", False):
         for _, encoder in text_encoders(pipe):
-            encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_TARGETS, use_dora=cfg.method == "dora"))
+            encoder.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha, init_lora_weights="gaussian",
+                                           target_modules=TEXT_TARGETS, use_dora=dora))
 
 
 def freeze(pipe) -> None:

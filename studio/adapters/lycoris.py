@@ -1,6 +1,6 @@
 """LoHa and LoKr (LyCORIS, Yeh et al. 2024) on the UNet through peft; saved in peft's own format.
 
-Same interface as `lora.py`. diffusers' `load_lora_weights` refuses these files (it wants 'lora' in
+The adapter contract of studio.adapters.base, as `lora.py`. diffusers' `load_lora_weights` refuses these files (it wants 'lora' in
 every key), so the native copy is peft's: `adapter_model.safetensors` (get_peft_model_state_dict)
 plus `adapter_config.json`, loaded back with add_adapter + set_peft_model_state_dict. The adapter
 lives in the UNet's peft_config like a LoRA, so `studio.adapters.set_scales` works for it unchanged.
@@ -16,40 +16,53 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from studio.adapters.base import Capabilities, LowRank, Setup
 from studio.adapters.checks import ExportReport
 from studio.adapters.lora import _fixed_unet_input, kohya_module_name, ldm_module_name
+from studio.errors import StudioError
+from studio.fields import setting
 from studio.paths import LYCORIS_EXPORT, PEFT_CONFIG, PEFT_WEIGHTS, staging, swap_into_place
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class LokrSettings(LowRank):
+    lokr_factor: int = setting("LoKr: factor of the Kronecker decomposition; -1 picks the most square split.", -1,
+                               label="LoKr factor", bounds=(-1, 1024))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lokr_factor == 0:
+            raise StudioError("Setting 'lokr_factor' must be -1 (the most square split) or a factor of 1 or more, got 0.")
+
+
 KINDS = ("loha", "lokr")
-HAS_SCALE = True
 WEIGHTS = PEFT_WEIGHTS  # the file whose version the playground watches
+CAPABILITIES = {kind: Capabilities("peft", weights_file=WEIGHTS) for kind in KINDS}
+SETTINGS = {"loha": LowRank, "lokr": LokrSettings}
 PARAM_PREFIXES = ("hada_", "lokr_")
 
 
-def _config(cfg):
+def _config(setup: Setup):
     from peft import LoHaConfig, LoKrConfig
 
-    from studio.adapters import target_modules
-
+    s = setup.settings
     # peft's default init: LoHa w2_a = 0 and LoKr w2 = 0, so the adapter starts as an exact no-op.
-    if cfg.method == "loha":
-        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules(cfg))
-    return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=target_modules(cfg),
-                      decompose_factor=cfg.lokr_factor)
+    if setup.kind == "loha":
+        return LoHaConfig(r=s.rank, alpha=s.alpha, target_modules=s.modules())
+    return LoKrConfig(r=s.rank, alpha=s.alpha, target_modules=s.modules(), decompose_factor=s.lokr_factor)
 
 
-def attach(pipe, cfg) -> None:
+def attach(pipe, setup: Setup) -> None:
     """Freeze the whole model and add one trainable LoHa/LoKr adapter (name 'default') to the UNet."""
     from studio.adapters.lora import freeze
 
     freeze(pipe)
-    pipe.unet.add_adapter(_config(cfg))
+    pipe.unet.add_adapter(_config(setup))
 
 
 def trainable_parameters(pipe) -> list:
@@ -59,6 +72,7 @@ def trainable_parameters(pipe) -> list:
 
 def state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's keys without the adapter name, e.g. `down_blocks.0...attn1.to_q.hada_w1_a`."""
+    import torch
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
@@ -128,6 +142,8 @@ def kohya_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Ten
     are the same in peft and LyCORIS (hada_w1_a ... , lokr_w1 / lokr_w1_a ...), and so are the
     products: LoHa dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r; LoKr dW = kron(w1, w2) * alpha / r.
     """
+    import torch
+
     config = unet.peft_config[adapter_name]
     state = state_dict(unet, adapter_name)
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -327,6 +343,8 @@ def _layer_view(unet) -> tuple[torch.nn.Module, dict[str, str]]:
     copied) at the paths a kohya/LyCORIS file names them by, e.g. `down_blocks.0...attn1.to_q` (SD 1.x)
     or `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL); and {kohya module name: the UNet's
     path of the (peft) layer}."""
+    import torch
+
     from studio.adapters import probe
 
     sdxl, root, paths = _is_sdxl(unet), torch.nn.Module(), {}
@@ -384,6 +402,7 @@ def _is_sdxl(unet) -> bool:
 def _base_unet_copy(unet):
     """A fresh UNet with the base weights only: the adapter's wrappers taken off, nothing shared.
     (Tests measure an adapter's whole effect with it; the export check never copies the UNet.)"""
+    import torch
     from diffusers import UNet2DConditionModel
 
     fresh = UNet2DConditionModel.from_config(unet.config)
@@ -393,10 +412,16 @@ def _base_unet_copy(unet):
     return fresh.to(torch.float32).eval()
 
 
-@torch.no_grad()
 def _compare(unet, reference) -> float:
     """The studio's UNet (adapter 'default', the only one, at its trained scale 1) against the loader's
     on one fixed input (with SDXL's pooled text and size conditioning where the UNet takes them)."""
+    import torch
+
+    with torch.no_grad():
+        return _compare_outputs(unet, reference)
+
+
+def _compare_outputs(unet, reference) -> float:
     inputs = _fixed_unet_input(reference)
     was_training = unet.training
     unet.eval()

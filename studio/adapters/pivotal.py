@@ -8,23 +8,35 @@ studio.adapters.embedding. The scale applies to the LoRA; the token stays loaded
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from studio.adapters import embedding, lora
+from studio.adapters.base import Capabilities, LowRank, Setup
 from studio.paths import LORA_WEIGHTS
 
+
+@dataclass
+class Settings(LowRank, embedding.Settings):
+    """The LoRA's settings and the embedding's initializer word."""
+
+    def __post_init__(self) -> None:
+        LowRank.__post_init__(self)
+
+
 KINDS = ("pivotal",)
-HAS_SCALE = True
-TRAINS_TEXT = True  # the embedding row learns: captions are encoded every step
-# No weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py). The
-# LoRA part trains without it too, which LoRA trainers commonly do.
-WEIGHT_DECAY = 0.0
-WEIGHTS = LORA_WEIGHTS  # the file whose change means a new version (the Playground watches it)
+# The scale applies to the LoRA (peft); the embedding row learns, so captions are encoded every step. No
+# weight decay: decoupled decay would move the frozen vocabulary rows (see embedding.py); the LoRA part
+# trains without it too, which LoRA trainers commonly do. LORA_WEIGHTS is the file whose change means a
+# new version.
+CAPABILITIES = {"pivotal": Capabilities("peft", trains_text=True, adds_tokens=True, weights_file=LORA_WEIGHTS,
+                                        weight_decay=0.0)}
+SETTINGS = {"pivotal": Settings}
 
 
-def attach(pipe, cfg) -> None:
-    embedding.attach(pipe, cfg)  # freezes the whole model but for the new row
-    lora.add_adapters(pipe, cfg)  # not lora.attach: its freeze would stop the new row training
+def attach(pipe, setup: Setup) -> None:
+    embedding.attach(pipe, setup)  # freezes the whole model but for the new row
+    lora.add_adapters(pipe, setup.settings)  # not lora.attach: its freeze would stop the new row training
 
 
 def trainable_parameters(pipe) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.config import field_help, field_kind, list_presets
+from studio.config import all_field_help, applies, field_kind, label, list_presets, method_setting_names
 from studio.errors import StudioError
 from studio.ui import forms
 from studio.ui.context import Studio, friendly
@@ -12,13 +12,13 @@ from studio.ui.context import Studio, friendly
 # Settings shown in the form: TrainConfig field name -> label. Values reach the config by these names,
 # and each control's kind (number, checkbox, dropdown of allowed values) follows the field's type.
 FORM = {
-    "steps": "Steps", "learning_rate": "Learning rate", "rank": "Rank", "alpha": "Alpha",
+    "steps": "Steps", "learning_rate": "Learning rate",
     "batch_size": "Batch size", "seed": "Seed", "resolution": "Resolution (0: the dataset's)",
     "mixed_precision": "Mixed precision", "sample_every": "Sample every N steps",
     "checkpoint_every": "Checkpoint every N steps",
 }
 MORE = {
-    "locon": "LoCon: adapt convolutions too", "train_text_encoder": "Train the text encoder too (LoRA/DoRA/full)", "lokr_factor": "LoKr factor", "lr_schedule": "LR schedule",
+    "lr_schedule": "LR schedule",
     "lr_warmup_steps": "Warm-up steps", "min_snr_gamma": "Min-SNR gamma", "noise_offset": "Noise offset",
     "gradient_accumulation_steps": "Gradient accumulation", "gradient_checkpointing": "Gradient checkpointing",
     "flip_p": "Horizontal flip probability", "repeats": "Repeats per image", "optimizer": "Optimizer",
@@ -28,12 +28,20 @@ MORE = {
     "vae": "VAE instead of the model's own (.safetensors file or diffusers folder)",
     "class_image_steps": "Steps per class image", "fit_memory": "Fit GPU memory (probe two steps first)",
 }
-INT_FIELDS = {name for name in {**FORM, **MORE} if field_kind(name)[0] is int}
+# The methods' own settings (studio.adapters: each method's SETTINGS), labelled where they are declared; a
+# control shows only while the chosen method has that setting. Lists (target modules) stay in presets.
+METHOD = [name for name in method_setting_names() if field_kind(name)[0] is not list]
+INT_FIELDS = {name for name in [*FORM, *MORE, *METHOD] if field_kind(name)[0] is int}
 
 
-def _control(name: str, label: str, value, help_text: str, min_width: int = 160):
+def _label(name: str) -> str:
+    return {**FORM, **MORE}.get(name) or label(name)
+
+
+def _control(name: str, label: str, value, help_text: str, min_width: int = 160, visible: bool = True):
     kind, choices = field_kind(name)
-    common = dict(value=value, label=label, info=help_text, elem_id=f"train-{name}", min_width=min_width)
+    common = dict(value=value, label=label, info=help_text, elem_id=f"train-{name}", min_width=min_width,
+                  visible=visible)
     if choices:
         return gr.Dropdown(list(choices), **common)
     if kind is bool:
@@ -49,10 +57,23 @@ _CANCELLING: set[str] = set()  # ids of train jobs asked to stop that have not s
 
 
 def preset_values(preset: str | None) -> dict:
-    """The values a form shows for a preset: the defaults, then the preset's own values over them."""
+    """The values a form shows for a preset: the defaults, then the preset's own values over them (the
+    settings of the preset's method; other methods' controls keep their values)."""
     from studio.config import build_config
 
     return build_config(None if preset in (None, NO_PRESET) else preset).to_dict()
+
+
+def _start_values(preset: str | None) -> dict:
+    """What the form starts with: the preset's values, and every other method's settings at their defaults."""
+    from studio.config import method_defaults
+
+    return {**method_defaults(), **preset_values(preset)}
+
+
+def method_visibility(method: str | None) -> list:
+    """One update per METHOD control: shown while `method` has that setting."""
+    return [gr.update(visible=bool(method) and applies(name, method)) for name in METHOD]
 
 
 def default_preset(studio: Studio) -> str:
@@ -61,9 +82,9 @@ def default_preset(studio: Studio) -> str:
 
 
 def build(studio: Studio, model_box: gr.Textbox) -> dict:
-    help_ = field_help()
+    help_ = all_field_help()
     first = default_preset(studio)
-    start_values = preset_values(first)
+    start_values = _start_values(first)
     with gr.Row():
         dataset = gr.Dropdown(studio.workspace.list_datasets(), label="Dataset", elem_id="train-dataset",
                               allow_custom_value=True)
@@ -73,8 +94,12 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
                              info=help_["method"], elem_id="train-method")
         run_name = gr.Textbox(value="", label="Run name", placeholder="empty: the method's name",
                               elem_id="train-run-name")
+    with gr.Row(elem_id="train-method-settings"):  # the chosen method's own settings, and no others
+        own = {name: _control(name, _label(name), start_values[name], help_[name], min_width=220,
+                              visible=applies(name, start_values["method"])) for name in METHOD}
     with gr.Row():
         fields = {name: _control(name, label, start_values[name], help_[name]) for name, label in FORM.items()}
+    fields |= own
     with gr.Accordion("More options", open=False):
         with gr.Row():  # checkboxes in a row of their own, wide enough for their labels
             fields |= {name: _control(name, label, start_values[name], help_[name], min_width=300)
@@ -105,7 +130,10 @@ def build(studio: Studio, model_box: gr.Textbox) -> dict:
     def on_preset(choice):
         values = preset_values(choice)
         model = gr.update(value=values["model"]) if values["model"] else gr.update()  # else the box's stays
-        return [gr.update(value=values["method"]), *[gr.update(value=values[k]) for k in fields], model]
+        return [gr.update(value=values["method"]),
+                *[gr.update(value=values[k]) if k in values else gr.update() for k in fields], model]
+
+    method.change(method_visibility, [method], [own[name] for name in METHOD], show_progress="hidden")
 
     preset.input(on_preset, [preset], [*shown, model_box], show_progress="hidden").then(
         save_all, list(form.values()), [saved, done], show_progress="hidden")
@@ -195,7 +223,9 @@ def forecast(studio: Studio, values: dict) -> str:
     if not values.get("dataset") or any(v is None for v in values.values() if not isinstance(v, str)):
         return ""
     try:
-        settings = {k: int(v) if k in INT_FIELDS else v for k, v in values.items()}
+        method = values.get("method")
+        settings = {k: int(v) if k in INT_FIELDS else v for k, v in values.items()
+                    if k in ("dataset", "model") or (method and applies(k, method))}
         settings["model"] = settings.get("model") or studio.default_model
         if not settings.get("resolution"):
             settings["resolution"] = load_dataset(_dataset_path(studio, values["dataset"])).resolution
@@ -206,24 +236,28 @@ def forecast(studio: Studio, values: dict) -> str:
 
 def _start(studio: Studio, data, dataset, preset, method, model_box, fields, name) -> str:
     from studio import hosting
-    from studio.config import build_config
+    from studio.config import build_config, load_preset
     from studio.train import prepare
 
     if not data[dataset]:
         raise gr.Error("Choose a dataset first (save one in the Dataset tab).", print_exception=False)
-    values = {key: data[comp] for key, comp in fields.items()}
+    if not data[method]:
+        raise gr.Error("Choose a method first.", print_exception=False)
+    values = {key: data[comp] for key, comp in fields.items() if applies(key, data[method])}  # the method's own
     empty = [key for key, value in values.items() if value is None]
     if empty:
-        label = {**FORM, **MORE}.get(empty[0], empty[0])
-        raise gr.Error(f"'{label}' is empty; enter a value.", print_exception=False)
+        raise gr.Error(f"'{_label(empty[0])}' is empty; enter a value.", print_exception=False)
     for key in INT_FIELDS & values.keys():  # gr.Number gives floats
         values[key] = int(values[key])
     values.update(model=data[model_box] or studio.default_model, method=data[method],
                   dataset=str(_dataset_path(studio, data[dataset])))
     chosen = None if data[preset] in (None, NO_PRESET) else data[preset]
     # Picking a preset put its values into the form, so the form is what trains; the preset still
-    # supplies the settings the form does not show (sample prompts, target modules...).
-    cfg = build_config(chosen, studio.confine(values))  # shared: paths and models stay the session's own
+    # supplies the settings the form does not show (sample prompts, target modules...) that the chosen
+    # method takes (a LoHa preset's rank is no setting of an embedding run).
+    from_preset = {k: v for k, v in load_preset(chosen).items() if k != "method" and applies(k, data[method])} \
+        if chosen else {}
+    cfg = build_config(None, studio.confine({**from_preset, **values}))  # shared: paths and models stay the session's own
     run_paths = studio.workspace.run(studio.workspace.new_run_id(name or cfg.method))
     prepare(cfg, run_paths.root)  # bad input fails here, in the page, before a thread starts
     studio.jobs.start("train", run_paths.run_id, run_paths.root,  # in ZeroGPU-sized chunks on such a Space
