@@ -24,7 +24,7 @@ from pathlib import Path
 
 from studio import adapters
 from studio.errors import StudioError
-from studio.paths import LORA_WEIGHTS, LYCORIS_EXPORT, PEFT_WEIGHTS, safe_name
+from studio.paths import safe_name
 
 # diffusers scheduler class -> ComfyUI (sampler_name, scheduler) that walks the same way.
 SAMPLERS = {"DDIMScheduler": ("ddim", "ddim_uniform"), "EulerDiscreteScheduler": ("euler", "normal"),
@@ -115,31 +115,10 @@ class TakeHome:
 
 
 def client_files(adapter_dir: Path, kind: str, name: str, token: str) -> list[ClientFile]:
-    """The files of one adapter folder that ComfyUI and AUTOMATIC1111 load, with the names to give them."""
-    from studio.adapters import custom, embedding, full, lora
-
-    folder = Path(adapter_dir)
-    # DoRA: the layers merged (`.diff`), which ComfyUI and A1111 apply exactly; their dora_scale rules
-    # differ from DoRA's own (studio.adapters.clients). A folder without it: the kohya file.
-    dora = lora.DORA_DIFF if (Path(adapter_dir) / lora.DORA_DIFF).is_file() else lora.KOHYA_WEIGHTS
-    lora_file = {"lora": lora.KOHYA_WEIGHTS, "dora": dora, "pivotal": lora.KOHYA_WEIGHTS,
-                 "loha": LYCORIS_EXPORT, "lokr": LYCORIS_EXPORT,
-                 "custom": getattr(custom, "DIFF_WEIGHTS", None)}.get(kind)
-    files = []
-    if lora_file and (folder / lora_file).is_file():
-        files.append(ClientFile(folder / lora_file, f"{name}.safetensors", "lora"))
-    if kind in ("embedding", "pivotal"):
-        a1111 = folder / embedding.a1111_file(token)  # named after the token, A1111's and ComfyUI's trigger
-        source = a1111 if a1111.is_file() else folder / embedding.WEIGHTS
-        if source.is_file():
-            files.append(ClientFile(source, f"{token}.safetensors", "embedding"))
-    if kind == "custom":
-        emb = folder / getattr(custom, "A1111_EMBEDDINGS", "embeddings_a1111") / f"{token}.safetensors"
-        if emb.is_file():
-            files.append(ClientFile(emb, f"{token}.safetensors", "embedding"))
-    if kind == "full" and (folder / full.SINGLE_FILE).is_file():
-        files.append(ClientFile(folder / full.SINGLE_FILE, f"{name}.safetensors", "checkpoint"))
-    return files
+    """The files of one adapter folder that ComfyUI and AUTOMATIC1111 load, with the names to give them
+    (each method's own answer: studio.adapters, `client_files`)."""
+    return [ClientFile(Path(source), copy_name, role)
+            for source, copy_name, role in adapters.get(kind).client_files(Path(adapter_dir), name, token)]
 
 
 def checkpoint_name(base_model: str) -> str:
@@ -219,16 +198,5 @@ def _is_sdxl_base(base: str) -> bool:
 
 
 def diffusers_code(folder: Path, kind: str, token: str, base: str, scale: float, prompt: str) -> str:
-    """A few lines that load the run's native files in diffusers (peft for LoHa/LoKr)."""
-    load = {"lora": f'pipe.load_lora_weights("{folder}", weight_name="{LORA_WEIGHTS}", adapter_name="concept")\n'
-                    f'pipe.set_adapters(["concept"], adapter_weights=[{scale:g}])',
-            "loha": f'from peft import PeftModel\npipe.unet = PeftModel.from_pretrained(pipe.unet, "{folder}")  '
-                    f'# {PEFT_WEIGHTS} + adapter_config.json',
-            "embedding": f'pipe.load_textual_inversion("{folder}/learned_embeds.safetensors", token="{token}")'}
-    load["dora"] = load["lora"]
-    load["lokr"] = load["loha"]
-    load["pivotal"] = load["embedding"] + "\n" + load["lora"]
-    if kind == "full":
-        return f'pipe = StableDiffusionPipeline.from_single_file("{folder}/model.safetensors")\nimage = pipe("{prompt}").images[0]'
-    body = load.get(kind, f"# the run's files are in {folder}")
-    return f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")\n{body}\nimage = pipe("{prompt}").images[0]'
+    """A few lines that load the run's native files in diffusers (each method's own: studio.adapters)."""
+    return adapters.get(kind).diffusers_code(Path(folder), token, base, scale, prompt)

@@ -140,3 +140,12 @@ def test_the_preset_and_the_cli(dataset_dir, tiny_model, tmp_path, capsys):
     saved = load_run_config(out / "config.yaml")
     assert saved["method"] == "oft" and saved["oft_block_size"] == 16
     assert (out / "adapter" / oft.DIFF_WEIGHTS).is_file()
+
+
+def test_take_home_points_comfyui_and_a1111_at_the_merged_file(oft_run):
+    from studio import takehome
+
+    plan = takehome.plan(oft_run[0], "oft-run", takehome.Settings(prompt="a photo of sks stuffed animal"))
+    assert [(f.source.name, f.name, f.role) for f in plan.files] == [(oft.DIFF_WEIGHTS, "oft-run.safetensors", "lora")]
+    assert plan.a1111_prompt.endswith("<lora:oft-run:1>")
+    assert "PeftModel.from_pretrained" in plan.diffusers_code

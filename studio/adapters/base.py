@@ -15,7 +15,10 @@ and, where the method has them:
 
     unload(pipe, adapter_dir) -> None            undo load_into beyond peft's delete_adapters
     set_scale(pipe, adapter_dir, scale) -> None  scaling "own": the method sets its strength itself
+    scale_layer(layer, name, scale) -> bool      a peft layer whose strength peft does not set (OFT)
     export(adapter_dir, pipe) -> list            community-format files, each with its ExportReport
+    client_files(kind, folder, name, token)      which of them ComfyUI / A1111 load, under which name
+    diffusers_code(kind, folder, token, base, scale, prompt) -> str   lines that load it in diffusers
 
 The training loop, the Playground and the evaluation ask a `Method` (the module behind one kind, its
 capabilities and settings class) and never name a method: a new method needs no edit there.
@@ -166,6 +169,17 @@ class Method:
         export = getattr(self.module, "export", None)
         return export(adapter_dir, pipe) if export is not None else []
 
+    def client_files(self, folder: Path, name: str, token: str) -> list[tuple]:
+        """(file, name to give the copy, role: 'lora' | 'embedding' | 'checkpoint') for ComfyUI and A1111."""
+        files = getattr(self.module, "client_files", None)
+        return files(self.kind, folder, name, token) if files is not None else []
+
+    def diffusers_code(self, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+        code = getattr(self.module, "diffusers_code", None)
+        if code is None:
+            return pipeline_code(base, f"# the run's files are in {folder}", prompt)
+        return code(self.kind, folder, token, base, scale, prompt)
+
     def setting_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.settings)]
 
@@ -194,3 +208,15 @@ def methods_of(module) -> dict[str, Method]:
             raise TypeError(f"settings of adapter kind {kind!r} must be a dataclass")
         out[kind] = Method(kind, module, caps, settings)
     return out
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def pipeline_code(base: str, body: str, prompt: str) -> str:
+    """diffusers lines around a method's loading lines: the base pipeline, then an image."""
+    return f'pipe = AutoPipelineForText2Image.from_pretrained("{base}")\n{body}\nimage = pipe("{prompt}").images[0]'
+
+
+def existing(files: list[tuple]) -> list[tuple]:
+    """The (source, name, role) entries whose source file exists."""
+    return [f for f in files if Path(f[0]).is_file()]

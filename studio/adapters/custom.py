@@ -441,3 +441,20 @@ def _attention_input(attn):
         return (torch.randn(1, 6, attn.to_q.in_features, generator=g).to(device),
                 torch.randn(1, 5, attn.to_k.in_features, generator=g).to(device))
     return make
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    """The K/V difference (a LoRA-folder file) and the trained token's embedding, named after it."""
+    from studio.adapters.base import existing
+
+    folder = Path(folder)
+    return existing([(folder / DIFF_WEIGHTS, f"{name}.safetensors", "lora"),
+                     (folder / A1111_EMBEDDINGS / f"{token}.safetensors", f"{token}.safetensors", "embedding")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, f"# the run's files are in {folder}", prompt)

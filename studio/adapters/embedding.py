@@ -252,3 +252,24 @@ def _encode(tokenizer, encoder, prompt: str):
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(encoder.device)
     return encoder(ids)[0].float()
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    """The file named after the token (A1111's and ComfyUI's trigger word), else the diffusers one."""
+    from studio.adapters.base import existing
+
+    folder = Path(folder)
+    a1111 = folder / a1111_file(token)
+    return existing([(a1111 if a1111.is_file() else folder / WEIGHTS, f"{token}.safetensors", "embedding")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, load_lines(folder, token), prompt)
+
+
+def load_lines(folder: Path, token: str) -> str:
+    return f'pipe.load_textual_inversion("{folder}/{WEIGHTS}", token="{token}")'

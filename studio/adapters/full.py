@@ -335,3 +335,15 @@ def _compare_weights(module, converted: dict) -> tuple[list[str], float]:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    from studio.adapters.base import existing
+
+    return existing([(Path(folder) / SINGLE_FILE, f"{name}.safetensors", "checkpoint")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    return f'pipe = StableDiffusionPipeline.from_single_file("{folder}/{SINGLE_FILE}")\nimage = pipe("{prompt}").images[0]'

@@ -539,3 +539,27 @@ def kohya_client_checks(state: dict, pipe, layout) -> list[dict]:
              clients.KOHYA: "networks/lora.py ignores dora_scale; kohya's tools read DoRA through LyCORIS "
                             "(network_module lycoris.kohya)" if dora else ""}
     return clients.client_checks(state, layout, {c: not dora for c in clients.CLIENTS}, notes)
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    """(file, name to give it, role) for ComfyUI and AUTOMATIC1111. DoRA: the layers merged (`.diff`), which
+    they apply exactly (their dora_scale rules differ from DoRA's own, studio.adapters.clients); a folder
+    without it: the kohya file."""
+    from studio.adapters.base import existing
+
+    folder = Path(folder)
+    file = DORA_DIFF if kind == "dora" and (folder / DORA_DIFF).is_file() else KOHYA_WEIGHTS
+    return existing([(folder / file, f"{name}.safetensors", "lora")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, load_lines(folder, scale), prompt)
+
+
+def load_lines(folder: Path, scale: float) -> str:
+    return (f'pipe.load_lora_weights("{folder}", weight_name="{LORA_WEIGHTS}", adapter_name="concept")\n'
+            f'pipe.set_adapters(["concept"], adapter_weights=[{scale:g}])')

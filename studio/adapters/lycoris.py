@@ -433,3 +433,22 @@ def _compare_outputs(unet, reference) -> float:
     unet.train(was_training)
     theirs = reference(**inputs).sample
     return float((studio.float().cpu() - theirs).abs().max())
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    from studio.adapters.base import existing
+
+    return existing([(Path(folder) / LYCORIS_EXPORT, f"{name}.safetensors", "lora")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, peft_lines(folder), prompt)
+
+
+def peft_lines(folder: Path) -> str:
+    return (f'from peft import PeftModel\npipe.unet = PeftModel.from_pretrained(pipe.unet, "{folder}")  '
+            f'# {PEFT_WEIGHTS} + adapter_config.json')

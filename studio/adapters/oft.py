@@ -172,3 +172,18 @@ def export(adapter_dir: Path, pipe) -> list:
         report.max_abs_diff = comfy["max_abs_diff"]
         report.tolerance = max(clients.TOLERANCE * comfy["change"], clients.ROUNDING * comfy["scale"])
     return [report]
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    from studio.adapters.base import existing
+
+    return existing([(Path(folder) / DIFF_WEIGHTS, f"{name}.safetensors", "lora")])
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters import lycoris
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, lycoris.peft_lines(folder), prompt)

@@ -65,3 +65,15 @@ def load_into(pipe, adapter_dir: Path, name: str) -> None:
 
 def export(adapter_dir: Path, pipe) -> list:
     return lora.export(adapter_dir, pipe) + embedding.export(adapter_dir, pipe)
+
+
+# ---------------------------------------------------------------------------- taking a run home
+
+def client_files(kind: str, folder: Path, name: str, token: str) -> list[tuple]:
+    return lora.client_files("lora", folder, name, token) + embedding.client_files("embedding", folder, name, token)
+
+
+def diffusers_code(kind: str, folder: Path, token: str, base: str, scale: float, prompt: str) -> str:
+    from studio.adapters.base import pipeline_code
+
+    return pipeline_code(base, embedding.load_lines(folder, token) + "\n" + lora.load_lines(folder, scale), prompt)
