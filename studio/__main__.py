@@ -92,23 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="concept fidelity (CLIP-I, DINO) and prompt fidelity (CLIP-T) of runs, "
                                          "swept over checkpoints and scales, against baselines")
-    ev.add_argument("--model", default="", help=MODEL_HELP + "; empty: the base the runs were trained on")
-    ev.add_argument("--vae", default="", help=VAE_HELP)
-    ev.add_argument("--runs", nargs="+", default=[], type=Path)
-    ev.add_argument("--dataset", type=Path, help="the dataset the runs were trained on")
+    _add_eval_flags(ev)
     ev.add_argument("--out", type=Path, help="folder for images, results.csv, summary.csv, plots")
-    ev.add_argument("--clip", default="", help="CLIP model id or folder (default openai/clip-vit-base-patch32, or 'builtin')")
-    ev.add_argument("--dino", default="", help="DINO model id or folder (default facebook/dino-vits16 online; 'none')")
-    ev.add_argument("--kinds", default="training,generalization,agnostic,context",
-                    help="prompt kinds, comma-separated: training, generalization, agnostic, context")
-    ev.add_argument("--prompt", action="append", default=[], help="your own prompt with {token} and {class} (repeatable)")
-    ev.add_argument("--per-kind", type=int, default=4, help="prompts of each kind (0: all)")
-    ev.add_argument("--seeds", type=int, default=2, help="images per prompt")
-    ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--guidance", type=float, default=7.5)
-    ev.add_argument("--scales", default="1.0", help="adapter scales to sweep, comma-separated, e.g. 0,0.5,1,1.5")
-    ev.add_argument("--checkpoints", choices=["final", "all"], default="final")
-    ev.add_argument("--context", action="append", default=None, help="context such as 'in a forest' (repeatable)")
     ev.add_argument("--rescore", type=Path, default=None,
                     help="recompute metrics and plots of an evaluation folder from its saved embeddings")
     ev.set_defaults(func=cmd_evaluate)
@@ -129,6 +114,51 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--share", action="store_true")
     ui.set_defaults(func=cmd_ui)
     return p
+
+
+# EvalConfig's fields spelled otherwise than --<name> taking one value: repeated flags for lists whose items
+# may hold commas (prompts), several values after one flag for folders; every other list is comma-separated.
+EVAL_FLAGS = {"prompts": "--prompt", "contexts": "--context"}
+EVAL_REPEATED = ("prompts", "contexts")
+EVAL_NARGS = ("runs",)
+
+
+class _Repeated(argparse.Action):
+    """--context A --context B: the values given, in place of the default (argparse's 'append' adds to it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (given if given is not self.default else []) + [values])
+
+
+def _add_eval_flags(ev: argparse.ArgumentParser) -> None:
+    """One flag per EvalConfig field: its help, default, type and choices come from the dataclass."""
+    from studio import fields
+    from studio.evaluate.settings import EvalConfig, text_of
+
+    defaults = fields.defaults_of(EvalConfig)
+    helps = fields.help_of(EvalConfig)
+    for name, tp in fields.types_of(EvalConfig).items():
+        base, choices = fields.kind(tp)
+        default = defaults.get(name)
+        shown = ", ".join(repr(v) for v in default) if name in EVAL_REPEATED else text_of(default)
+        text = helps[name] + (f" (default: {shown})" if shown else "")
+        if name in EVAL_REPEATED:
+            text += " (repeatable)"
+        kw = dict(dest=name, default=default, help=text.replace("%", "%%"))
+        if name in EVAL_REPEATED:
+            kw.update(action=_Repeated, metavar=_eval_flag(name).lstrip("-").upper())
+        elif name in EVAL_NARGS:
+            kw.update(nargs="+")
+        elif choices:
+            kw.update(choices=choices)
+        elif base in (int, float):
+            kw.update(type=base)
+        ev.add_argument(_eval_flag(name), **kw)
+
+
+def _eval_flag(name: str) -> str:
+    return EVAL_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def cmd_prep(args) -> int:
@@ -267,8 +297,7 @@ def _eval_forecast(cfg, out: Path) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from studio.evaluate.protocol import EvalConfig, evaluate, rescore
-    from studio.evaluate.prompts import DEFAULT_CONTEXTS
+    from studio.evaluate.protocol import evaluate, rescore
 
     if args.rescore:
         result = rescore(args.rescore)
@@ -281,11 +310,7 @@ def cmd_evaluate(args) -> int:
         limits.check_range("seeds", args.seeds, 1, 64, "--seeds (images per prompt)")
         for what, name in (("Base model", args.model), ("CLIP model", args.clip), ("DINO model", args.dino)):
             preflight.check_hub_model(name, what)
-        cfg = EvalConfig(dataset=str(args.dataset), runs=[str(r) for r in args.runs], model=args.model, vae=args.vae,
-                         clip=args.clip, dino=args.dino, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
-                         prompts=args.prompt, contexts=args.context or list(DEFAULT_CONTEXTS),
-                         per_kind=args.per_kind, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-                         scales=_numbers(args.scales, "--scales"), checkpoints=args.checkpoints)
+        cfg = _eval_config(args)
         last = {"pct": -1}
 
         def show(event) -> None:
@@ -315,11 +340,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise StudioError(f"{flag} takes numbers separated by commas, such as 0,0.5,1; got '{text}'.") from None
+def _eval_config(args):
+    """The EvalConfig of the flags: comma-separated lists parsed as the Evaluate tab parses them."""
+    from studio import fields
+    from studio.evaluate.settings import EvalConfig, parse_list
+
+    values = {name: getattr(args, name) for name in fields.types_of(EvalConfig)}
+    for name, value in values.items():
+        if isinstance(value, str) and fields.kind(fields.types_of(EvalConfig)[name])[0] is list:
+            values[name] = parse_list(name, value, _eval_flag(name))
+    return EvalConfig(**values)
 
 
 def cmd_extract_lora(args) -> int:

@@ -132,3 +132,54 @@ def test_train_resume_extends_a_run(trained_run, tmp_path, capsys):
 def test_train_without_dataset_or_resume_is_one_sentence(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r")]) == 2
     assert "--resume RUN_DIR" in _one_sentence_error(capsys)
+
+
+def test_evaluate_help_has_every_evaluation_setting_s_help(capsys):
+    from studio import fields
+    from studio.evaluate.settings import EvalConfig
+
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--help"])
+    assert info.value.code == 0
+    squeezed = "".join(capsys.readouterr().out.split())  # argparse wraps lines, and breaks them at hyphens
+    for name, text in fields.help_of(EvalConfig).items():
+        assert text and "".join(text.split()) in squeezed, name
+
+
+def test_evaluate_flags_default_to_the_evaluation_settings():
+    from studio import fields
+    from studio.__main__ import _eval_config, _parser
+    from studio.evaluate.settings import EvalConfig
+
+    args = _parser().parse_args(["evaluate"])
+    defaults = fields.defaults_of(EvalConfig)
+    assert {name: getattr(args, name) for name in defaults} == defaults
+    assert "dataset" not in defaults and args.dataset is None  # required: cmd_evaluate asks for it
+    # Given flags replace the defaults (repeated ones too, not appended to them); lists are parsed as the tab does.
+    args = _parser().parse_args(["evaluate", "--dataset", "d", "--context", "on a red background", "--context",
+                                 "on a blue background", "--scales", "1, 0.5", "--kinds", "training,context",
+                                 "--prompt", "a {token}, a {class}", "--runs", "r1", "r2", "--checkpoints", "all"])
+    cfg = _eval_config(args)
+    assert (cfg.contexts, cfg.scales, cfg.kinds, cfg.prompts, cfg.runs, cfg.checkpoints) == (
+        ["on a red background", "on a blue background"], [0.5, 1.0], ["training", "context"], ["a {token}, a {class}"],
+        ["r1", "r2"], "all")
+    assert _eval_config(_parser().parse_args(["evaluate", "--dataset", "d"])).contexts == defaults["contexts"]
+
+
+def test_a_bad_scale_is_the_same_sentence_in_the_cli_and_the_evaluate_tab(tmp_path, capsys):
+    from studio.errors import StudioError
+    from studio.paths import Workspace
+    from studio.ui import evaluate_tab
+    from studio.ui.context import Studio
+
+    assert main(["evaluate", "--dataset", str(tmp_path / "d"), "--out", str(tmp_path / "e"), "--scales",
+                 "0.5, half"]) == 2
+    cli = _one_sentence_error(capsys).removeprefix("error: ")
+    data = dict(runs=["r"], dataset="d", clip="tiny", dino="none", kinds=list(evaluate_tab.KIND_LABELS), per_kind=1,
+                scales="0.5, half", checkpoints="final", seeds=1, steps=1, guidance=5.0, own="", contexts="")
+    with pytest.raises(StudioError) as info:
+        evaluate_tab._config(Studio(Workspace(tmp_path), "tiny"), "tiny", data)
+    tab = str(info.value)
+    said = " takes numbers separated by commas, such as 0, 0.5, 1; got '0.5, half'."
+    assert cli == "--scales" + said and tab == "'Scales'" + said
+    assert not (tmp_path / "e").exists()

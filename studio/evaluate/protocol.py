@@ -33,7 +33,9 @@ from studio.adapters import find_adapter_dir, read_meta
 from studio.data.dataset import load_dataset
 from studio.errors import StudioError
 from studio.evaluate import metrics
-from studio.evaluate.prompts import DEFAULT_CONTEXTS, DEFAULT_KINDS, KINDS, Prompt, build_prompts, prompts_for
+from studio.evaluate.prompts import Prompt, build_prompts, prompts_for
+from studio.evaluate.report import write_report
+from studio.evaluate.settings import SETTINGS, EvalConfig, read_settings, write_settings
 from studio.generate import AdapterChoice, GenerateRequest, Playground, choose_base
 from studio.paths import DatasetPaths, RESULTS_CSV, RunPaths, safe_name
 
@@ -42,7 +44,6 @@ __all__ = ["EvalConfig", "EvalResult", "evaluate", "rescore", "recommend", "prom
 
 SUMMARY_CSV = "summary.csv"
 RECOMMENDATION = "recommendation.json"
-SETTINGS = "evaluation.yaml"
 EMBEDDINGS = "embeddings"
 TRIGGER_KINDS = ("training", "generalization")  # prompts that hold the trigger and ask for the concept
 COLUMNS = ["point", "run", "method", "checkpoint", "scale", "kind", "prompt", "clip_text", "pair", "seed", "file",
@@ -50,51 +51,6 @@ COLUMNS = ["point", "run", "method", "checkpoint", "scale", "kind", "prompt", "c
 SUMMARY_COLUMNS = ["point", "kind", "run", "method", "checkpoint", "scale", "clip_i", "dino", "clip_t",
                    "image_similarity", "prompt_similarity", "preservation", "kid", "kid_subset", "fid",
                    "vendi", "features", "n_images", "adapter", "warning"]
-# DreamBooth paper (Ruiz et al. 2023), Table 1, on DreamBench: shown beside results of real encoders.
-PAPER_REFERENCE = [
-    dict(label="real images (paper)", dino=0.774, clip_i=0.885, clip_t=math.nan),
-    dict(label="DreamBooth, SD (paper)", dino=0.668, clip_i=0.803, clip_t=0.305),
-    dict(label="Textual Inversion, SD (paper)", dino=0.569, clip_i=0.780, clip_t=0.255),
-]
-
-
-@dataclass
-class EvalConfig:
-    dataset: str
-    runs: list[str] = field(default_factory=list)
-    model: str = ""  # '' = the base the first run was trained on (generate.choose_base)
-    vae: str = ""  # a separate VAE for the base model; '' = the run's, or the model's own
-    clip: str = ""  # CLIP id or folder; '' = openai/clip-vit-base-patch32 online, the pocket CLIP offline
-    dino: str = ""  # DINO id or folder; '' = facebook/dino-vits16 online, none offline; 'none' skips it
-    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
-    prompts: list[str] = field(default_factory=list)  # the user's own generalization prompts ({token}, {class})
-    contexts: list[str] = field(default_factory=lambda: list(DEFAULT_CONTEXTS))
-    per_kind: int = 4  # prompts of each kind (0: all 25 DreamBench prompts, every caption...)
-    seeds: int = 2  # images per prompt, seeds 0..n-1
-    steps: int = 20
-    guidance: float = 7.5
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    checkpoints: str = "final"  # 'final', or 'all' the run's saved checkpoints
-
-    def __post_init__(self) -> None:
-        for name in ("seeds", "steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise StudioError(f"Evaluation setting '{name}' must be a whole number of at least 1, "
-                                  f"got {getattr(self, name)!r}.")
-        if not isinstance(self.per_kind, int) or self.per_kind < 0:
-            raise StudioError(f"Evaluation setting 'per_kind' must be 0 (all) or more, got {self.per_kind!r}.")
-        if self.guidance < 0:
-            raise StudioError(f"Evaluation setting 'guidance' must be 0 or more, got {self.guidance!r}.")
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise StudioError(f"Evaluation setting 'kinds' takes some of {', '.join(KINDS)}; got "
-                              f"{', '.join(map(str, unknown)) or 'none'}.")
-        if self.checkpoints not in ("final", "all"):
-            raise StudioError(f"Evaluation setting 'checkpoints' is 'final' or 'all', got {self.checkpoints!r}.")
-        if not self.scales or any(not isinstance(s, (int, float)) or not -2 <= s <= 3 for s in self.scales):
-            raise StudioError(f"Evaluation setting 'scales' needs numbers between -2 and 3, got {self.scales!r}.")
-        self.scales = sorted(dict.fromkeys(float(s) for s in self.scales))
-
 
 @dataclass
 class EvalResult:
@@ -201,8 +157,6 @@ def evaluate(cfg: EvalConfig, out_dir: Path, on_event: Callable | None = None,
     for store in stores.values():
         store.save()
     result = _score_and_save(out_dir, table, stores, points)
-    from studio.evaluate.report import write_report  # report imports this module
-
     emit(events.Phase("report", "Writing the report (plots, the sweep grid)…", counter.done))
 
     # The plots and the sweep grid are on disk before the last event: a reader that sees Finished sees them.
@@ -464,17 +418,8 @@ def recommend(summary) -> dict | None:
 # ----------------------------------------------------------------------------- files
 
 def _write_settings(out_dir: Path, cfg: EvalConfig, spec, points: list[Point], clip_source, dino_source) -> None:
-    import yaml
-
-    data = dict(config=asdict(cfg), token=spec.token, class_word=spec.class_word, clip=clip_source,
-                dino=dino_source, points=[asdict(p) for p in points])
-    (out_dir / SETTINGS).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def read_settings(out_dir: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((Path(out_dir) / SETTINGS).read_text(encoding="utf-8"))
+    write_settings(out_dir, dict(config=asdict(cfg), token=spec.token, class_word=spec.class_word, clip=clip_source,
+                                 dino=dino_source, points=[asdict(p) for p in points]))
 
 
 def _save(out_dir: Path, table, summary, rec: dict | None, points: list[Point]) -> None:

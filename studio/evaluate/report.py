@@ -4,14 +4,21 @@ tells the user what the recommendation means, and whether the paper's reference 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from studio import plots
-from studio.evaluate.protocol import PAPER_REFERENCE, SETTINGS, read_settings
+from studio.evaluate.settings import SETTINGS, read_settings
 
 TRADEOFF_HTML = "tradeoff.html"
 HEATMAP_HTML = "prompts.html"
 GRID_PNG = "grid.png"
+# DreamBooth paper (Ruiz et al. 2023), Table 1, on DreamBench: shown beside results of real encoders.
+PAPER_REFERENCE = [
+    dict(label="real images (paper)", dino=0.774, clip_i=0.885, clip_t=math.nan),
+    dict(label="DreamBooth, SD (paper)", dino=0.668, clip_i=0.803, clip_t=0.305),
+    dict(label="Textual Inversion, SD (paper)", dino=0.569, clip_i=0.780, clip_t=0.255),
+]
 
 
 def references_for(settings_clip: str | None, settings_dino: str | None) -> list[dict]:

@@ -8,50 +8,60 @@ import time
 
 import gradio as gr
 
+from studio import fields
 from studio.errors import StudioError
+from studio.evaluate.settings import EvalConfig, parse_list, text_of
 from studio.ui import forms
 from studio.ui.context import Studio, friendly
 
+# The form's words for EvalConfig's prompt kinds (the keys of its Literal); the one place they are mapped.
 KIND_LABELS = {"training captions": "training", "DreamBench + your prompts": "generalization",
                "without the trigger (leak)": "agnostic", "context pairs": "context"}
+DEFAULTS = fields.defaults_of(EvalConfig)
 # The built-in pocket model knows plain backgrounds, not forests or beaches: its contexts are the walkthrough's,
 # two backgrounds its concept never appears on; and it is drawn at guidance 5, as its model card measures it
 # (assets/pocket-sd/README.md).
 POCKET_CONTEXTS = ["on a red background", "on a blue background"]
-POCKET_GUIDANCE, DEFAULT_GUIDANCE = 5.0, 7.5
+POCKET_GUIDANCE = 5.0
+# The form starts with a sweep of two scales, so its first plot already shows a trade-off; the CLI keeps
+# EvalConfig's single scale (the README's walkthrough figures are at scale 1).
+FORM_SCALES = [0.5, 1.0]
 _CANCELLING: set[str] = set()  # ids of evaluation jobs asked to stop that have not stopped yet
 _FIRST_IMAGE: dict[str, tuple[float, int]] = {}  # evaluation folder -> (time, count) when images began
 
 
-def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
-    from studio.evaluate.prompts import DEFAULT_CONTEXTS
+def _control(kind, name: str, **kw):
+    """A form control for EvalConfig's field `name`: its label and help come from the dataclass."""
+    return kind(label=fields.label_of(EvalConfig, name), info=fields.help_of(EvalConfig)[name], **kw)
 
+
+def build(studio: Studio, model_box: gr.Textbox, default_clip: str) -> dict:
     pocket = bool(default_clip)  # the built-in model (or the tiny test model) and its own CLIP
     gr.Markdown("Does the model reproduce **your concept** (CLIP-I, DINO: generated images against your photos) "
                 "and still **follow prompts** (CLIP-T: image against its prompt)? Each run is swept over "
                 "checkpoints and scales; upper right is best, the dashed line is your photos against each other.")
     with gr.Row():
-        runs = gr.Dropdown(studio.workspace.list_runs(), multiselect=True, label="Runs", elem_id="eval-runs",
+        runs = _control(gr.Dropdown, "runs", choices=studio.workspace.list_runs(), multiselect=True,
+                        elem_id="eval-runs", allow_custom_value=True)
+        dataset = _control(gr.Dropdown, "dataset", choices=studio.workspace.list_datasets(), elem_id="eval-dataset",
                            allow_custom_value=True)
-        dataset = gr.Dropdown(studio.workspace.list_datasets(), label="Dataset", elem_id="eval-dataset",
-                              allow_custom_value=True)
-        clip = gr.Textbox(value=default_clip, label="CLIP model", info="hub id, folder, or 'builtin'")
-        dino = gr.Textbox(value="none" if default_clip else "", label="DINO model",
-                          info="facebook/dino-vits16 (default online), DINOv2, a folder, or 'none'")
+        clip = _control(gr.Textbox, "clip", value=default_clip or DEFAULTS["clip"])
+        dino = _control(gr.Textbox, "dino", value="none" if pocket else DEFAULTS["dino"])
     with gr.Row():
-        kinds = gr.CheckboxGroup(list(KIND_LABELS), value=list(KIND_LABELS), label="Prompt kinds", elem_id="eval-kinds")
-        per_kind = gr.Number(value=4, precision=0, label="Prompts per kind (0: all)")
-        scales = gr.Textbox(value="0.5, 1.0", label="Scales", info="comma-separated, e.g. 0, 0.5, 1, 1.5",
-                            elem_id="eval-scales")
-        checkpoints = gr.Radio(["final", "all"], value="final", label="Checkpoints")
+        kinds = _control(gr.CheckboxGroup, "kinds", choices=list(KIND_LABELS), elem_id="eval-kinds",
+                         value=[label for label, key in KIND_LABELS.items() if key in DEFAULTS["kinds"]])
+        per_kind = _control(gr.Number, "per_kind", value=DEFAULTS["per_kind"], precision=0)
+        scales = _control(gr.Textbox, "scales", value=text_of(FORM_SCALES), elem_id="eval-scales")
+        checkpoints = _control(gr.Radio, "checkpoints", value=DEFAULTS["checkpoints"],
+                               choices=list(fields.kind(fields.types_of(EvalConfig)["checkpoints"])[1]))
     with gr.Row():
-        seeds = gr.Number(value=2, precision=0, label="Images per prompt", elem_id="eval-seeds")
-        steps = gr.Number(value=20, precision=0, label="Denoising steps", elem_id="eval-steps")
-        guidance = gr.Number(value=POCKET_GUIDANCE if pocket else DEFAULT_GUIDANCE, label="Guidance",
-                             info="classifier-free guidance scale of every image", elem_id="eval-guidance")
-        own = gr.Textbox(value="", lines=2, label="Your prompts (one per line, with {token} and {class})")
-        contexts = gr.Textbox(value="\n".join(POCKET_CONTEXTS if pocket else DEFAULT_CONTEXTS), lines=3,
-                              label="Contexts (one per line)", elem_id="eval-contexts")
+        seeds = _control(gr.Number, "seeds", value=DEFAULTS["seeds"], precision=0, elem_id="eval-seeds")
+        steps = _control(gr.Number, "steps", value=DEFAULTS["steps"], precision=0, elem_id="eval-steps")
+        guidance = _control(gr.Number, "guidance", value=POCKET_GUIDANCE if pocket else DEFAULTS["guidance"],
+                            elem_id="eval-guidance")
+        own = _control(gr.Textbox, "prompts", value="\n".join(DEFAULTS["prompts"]), lines=2)
+        contexts = _control(gr.Textbox, "contexts", lines=3, elem_id="eval-contexts",
+                            value="\n".join(POCKET_CONTEXTS if pocket else DEFAULTS["contexts"]))
     with gr.Row():
         start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
         cancel = gr.Button("Cancel", variant="stop")
@@ -128,7 +138,7 @@ def _settings_form(folder: str | None) -> dict:
 
     import yaml
 
-    from studio.evaluate.protocol import read_settings
+    from studio.evaluate.settings import read_settings
 
     try:
         cfg = read_settings(Path(folder))["config"] if folder else None
@@ -139,7 +149,7 @@ def _settings_form(folder: str | None) -> dict:
     labels = {key: label for label, key in KIND_LABELS.items()}
     return dict(runs=[Path(r).name for r in cfg.get("runs", [])], dataset=Path(cfg.get("dataset", "")).name,
                 kinds=[labels[k] for k in cfg.get("kinds", []) if k in labels], per_kind=cfg.get("per_kind"),
-                scales=", ".join(f"{v:g}" for v in cfg.get("scales", [])), checkpoints=cfg.get("checkpoints"),
+                scales=text_of(cfg.get("scales", [])), checkpoints=cfg.get("checkpoints"),
                 seeds=cfg.get("seeds"), steps=cfg.get("steps"), guidance=cfg.get("guidance"),
                 own="\n".join(cfg.get("prompts", [])), contexts="\n".join(cfg.get("contexts", [])))
 
@@ -181,18 +191,12 @@ def _config(studio: Studio, model, data: dict):
     """The EvalConfig of the form, every choice checked (one sentence for the first wrong one)."""
     from pathlib import Path
 
-    from studio.evaluate.protocol import EvalConfig
-
     if not data["runs"]:
         raise gr.Error("Choose at least one run to evaluate in 'Runs'; the base model alone has nothing to "
                        "compare against.", print_exception=False)
     if not data["dataset"]:
         raise gr.Error("Choose the dataset the runs were trained on.", print_exception=False)
-    try:
-        scales = [float(v) for v in str(data["scales"]).replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise gr.Error(f"Scales take numbers separated by commas, such as 0, 0.5, 1; got '{data['scales']}'.",
-                       print_exception=False) from None
+    scales = parse_list("scales", data["scales"], f"'{fields.label_of(EvalConfig, 'scales')}'")
     from studio.adapters import find_adapter_dir
     from studio.data.dataset import load_dataset
 
@@ -201,12 +205,21 @@ def _config(studio: Studio, model, data: dict):
     for run in run_dirs:
         find_adapter_dir(Path(run))
     return EvalConfig(dataset=str(studio.workspace.dataset(data["dataset"]).root), runs=run_dirs, model=model,
-                     clip=studio.user_model(data["clip"], "the CLIP model"),
-                     dino=studio.user_model(data["dino"], "the DINO model", ("none",)), kinds=[KIND_LABELS[k] for k in data["kinds"] or []],
-                     prompts=_lines(data["own"]), contexts=_lines(data["contexts"]), per_kind=int(data["per_kind"] or 0),
-                     seeds=int(data["seeds"] or 1), steps=int(data["steps"] or 1), scales=scales or [1.0],
-                     checkpoints=data["checkpoints"], guidance=float(data["guidance"] if data["guidance"] is not None
-                                                                     else DEFAULT_GUIDANCE))
+                      clip=studio.user_model(data["clip"], "the CLIP model"),
+                      dino=studio.user_model(data["dino"], "the DINO model", ("none",)),
+                      kinds=[KIND_LABELS[k] for k in data["kinds"] or []], prompts=_lines(data["own"]),
+                      contexts=_lines(data["contexts"]), scales=scales, checkpoints=data["checkpoints"],
+                      **{name: _number(data[name], name) for name in ("per_kind", "seeds", "steps", "guidance")})
+
+
+def _number(value, name: str):
+    """A number box's value for EvalConfig's field `name`: an emptied box is the field's default, a whole
+    float (as a browser may send 2.0) an int where the field is one; anything else EvalConfig judges."""
+    if value is None or value == "":
+        return DEFAULTS[name]
+    if fields.types_of(EvalConfig)[name] is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def forecast(studio: Studio, model, data: dict) -> str:
@@ -322,7 +335,8 @@ def _view(studio: Studio, folder, drawn=None):
             return [f"Waiting for the accelerator: {studio.jobs.position(job)} job(s) ahead (other sessions' work)."] \
                 + keep[1:]
         return [_running_line(str(folder), history)] + keep[1:]
-    from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results, read_settings
+    from studio.evaluate.protocol import RECOMMENDATION, SUMMARY_CSV, read_results
+    from studio.evaluate.settings import read_settings
     from studio.evaluate.report import GRID_PNG, references_for
 
     root = Path(folder)
