@@ -192,9 +192,8 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from studio import distributed, events
+    from studio import distributed, events, launch
     from studio.config import build_config
-    from studio.train import resume, run
 
     if args.resume is None and (args.dataset is None or args.out is None):
         raise StudioError("Give --dataset and --out for a new run, or --resume RUN_DIR to continue one.")
@@ -221,11 +220,11 @@ def cmd_train(args) -> int:
         cfg = build_config(args.preset, values, args.overrides)  # every setting checked before any import of torch
     _stop_on_sigterm()
     if args.resume is not None:
-        result = resume(args.resume, on_event=show, steps=args.steps)
+        result = launch.start(None, args.resume, on_event=show, resume=True, steps=args.steps)
     else:
         if distributed.world().main:
             print(_forecast(cfg, Path(args.out)), flush=True)
-        result = run(cfg, args.out, on_event=show)
+        result = launch.start(cfg, args.out, on_event=show)
     if not distributed.world().main:  # under torchrun / accelerate launch, rank 0 speaks for all
         return 0 if result.status != "failed" else 2
     print(result.message)

@@ -32,28 +32,21 @@ def gpu(fn: Callable, duration: int = CALL_LIMIT_S) -> Callable:
     return spaces.GPU(duration=duration)(fn)
 
 
-def train_job(cfg, run_dir: Path, should_stop: Callable[[], bool], on_event=None, resume: bool = False):
-    """A training job as the host needs it: one piece, or ZeroGPU chunks of one call each."""
-    from studio import train
-
-    if not zero_gpu():
-        if resume:
-            return train.resume(run_dir, on_event, should_stop)
-        return train.run(cfg, run_dir, on_event, should_stop)
-    return train_in_chunks(cfg, run_dir, should_stop, on_event, resume=resume)
-
-
 def train_in_chunks(cfg, run_dir: Path, should_stop: Callable[[], bool], on_event=None, resume: bool = False,
-                    call_s: int = CALL_LIMIT_S, margin_s: float = CHUNK_MARGIN_S):
+                    call_s: int = CALL_LIMIT_S, margin_s: float = CHUNK_MARGIN_S, fresh: Callable | None = None,
+                    steps: int | None = None):
     """Train in GPU calls of `call_s` seconds: each trains for `call_s - margin_s` seconds of steps,
-    then checkpoints and returns; the next resumes. The same seed gives the same run as one piece."""
+    then checkpoints and returns; the next resumes. The same seed gives the same run as one piece.
+    `fresh(cfg, run_dir, on_event, should_stop, pause_after_s)` starts a new run (studio.launch.fresh,
+    which fits the settings to the GPU first; train.run by default)."""
     from studio import train
 
+    fresh = fresh or train.run
     budget = max(0.0, call_s - margin_s)  # each chunk trains at least one step
     if resume:
-        chunk = gpu(lambda: train.resume(run_dir, on_event, should_stop, pause_after_s=budget), call_s)
+        chunk = gpu(lambda: train.resume(run_dir, on_event, should_stop, steps=steps, pause_after_s=budget), call_s)
     else:
-        chunk = gpu(lambda: train.run(cfg, run_dir, on_event, should_stop, pause_after_s=budget), call_s)
+        chunk = gpu(lambda: fresh(cfg, run_dir, on_event, should_stop, pause_after_s=budget), call_s)
     result = chunk()
     later = gpu(lambda: train.resume(run_dir, on_event, should_stop, pause_after_s=budget), call_s)
     while result.status == "paused":  # a cancel between chunks: the next one stops at once and saves

@@ -141,17 +141,18 @@ def _check_extra(spec: DatasetSpec, extra: list[str]) -> list[DatasetSpec]:
 
 
 def run(cfg: TrainConfig, run_dir: Path, on_event: Callable | None = None,
-        should_stop: Callable[[], bool] | None = None, pause_after_s: float | None = None) -> RunResult:
+        should_stop: Callable[[], bool] | None = None, pause_after_s: float | None = None,
+        notices: list[str] = ()) -> RunResult:
     """Train from step 0. `pause_after_s`: stop with a checkpoint (status "paused") once this many
-    seconds of steps have run, for hosts that lend a GPU in timed calls; `resume` continues."""
+    seconds of steps have run, for hosts that lend a GPU in timed calls; `resume` continues. `notices`:
+    sentences the run reports before its first step (what the memory pre-flight changed).
+
+    The loop itself: the UI, the API and the CLI start runs through studio.launch.start, which fits the
+    settings to the GPU first and trains in chunks where the host lends the GPU by the call."""
     w = distributed.world()
     distributed.setup(w)
     cfg, spec, ref = prepare(cfg, run_dir)
-    fitted = []
-    if not w.parallel:  # on a GPU: probe the settings, and switch on what helps if they do not fit
-        from studio import memory
-
-        cfg, fitted = memory.preflight(cfg)
+    fitted = list(notices)
     distributed.barrier(w)  # every rank has checked the folder is new before rank 0 writes into it
     paths = RunPaths(Path(run_dir))
     if w.main:
@@ -178,20 +179,9 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
         steps: a new total number of steps (to train longer than first planned); None keeps it.
     """
     paths = RunPaths(Path(run_dir))
-    if not paths.config.exists():
-        raise StudioError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote.")
-    values = load_run_config(paths.config)  # the sectioned layout, or an older run's flat one
-    if steps is not None:
-        values["steps"] = steps
-    cfg = from_saved(values)
+    cfg, last = resumable(run_dir, steps)
     spec, ref = load_dataset(Path(cfg.dataset)), models.resolve(cfg.model, cfg.vae)
     _check_extra(spec, cfg.extra_datasets)
-    last = checkpoints.latest(paths)
-    if last is None:
-        raise StudioError(f"Run '{paths.run_id}' has no complete checkpoint to resume from; start a new run.")
-    if last.step >= cfg.steps:
-        raise StudioError(f"Run '{paths.run_id}' already reached step {last.step} of {cfg.steps}; "
-                          "give a larger --steps to train longer.")
     w = distributed.world()
     distributed.setup(w)
     distributed.barrier(w)
@@ -201,6 +191,27 @@ def resume(run_dir: Path, on_event: Callable | None = None, should_stop: Callabl
     emit = _emitter(paths, on_event, w)
     emit(events.Progress(last.step, cfg.steps, f"Resumed from step {last.step} of {cfg.steps}."))
     return _guarded(cfg, spec, ref, paths, emit, should_stop, last, pause_after_s)
+
+
+def resumable(run_dir: Path, steps: int | None = None):
+    """(the run's config, with `steps` in all when given; its last complete checkpoint), or one sentence
+    why the run cannot be resumed."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.exists():
+        raise StudioError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote.")
+    values = load_run_config(paths.config)  # the sectioned layout, or an older run's flat one
+    if steps is not None:
+        values["steps"] = steps
+    cfg = from_saved(values)
+    last = checkpoints.latest(paths)
+    if last is None:
+        raise StudioError(f"Run '{paths.run_id}' has no complete checkpoint to resume from; start a new run.")
+    if last.step >= cfg.steps:
+        finished = "" if steps is not None else f" (it already finished its {cfg.steps} steps)"
+        raise StudioError(f"Run '{paths.run_id}' already reached step {last.step} of {cfg.steps}{finished}; to "
+                          f"train longer, give a larger step count (`python -m studio train --resume "
+                          f"{paths.root} --steps N`).")
+    return cfg, last
 
 
 def _guarded(cfg, spec, ref, paths: RunPaths, emit, should_stop, resume_from, pause_after_s=None) -> RunResult:

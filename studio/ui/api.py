@@ -27,15 +27,17 @@ def register(studio: Studio) -> None:
 
     @friendly
     def train(dataset: str, method: str = "lora", steps: int = 20, model: str = "") -> str:
+        from studio import launch
         from studio.config import build_config
-        from studio.train import prepare, run
 
         values = studio.confine(dict(model=model or studio.default_model, method=method, steps=steps,
                                      dataset=str(studio.workspace.dataset(dataset).root), sample_every=0))
         cfg = build_config(values=values)  # checkpoints by time (checkpoint_minutes) as every run has them
         paths = studio.workspace.run(studio.workspace.new_run_id(method))
-        prepare(cfg, paths.root)
-        studio.jobs.start("train", paths.run_id, paths.root, lambda should_stop: run(cfg, paths.root, should_stop=should_stop))
+        launch.check(cfg, paths.root)
+        # the Train tab's own start: the memory pre-flight, and GPU-call chunks on ZeroGPU
+        studio.jobs.start("train", paths.run_id, paths.root,
+                          lambda should_stop: launch.start(cfg, paths.root, should_stop=should_stop))
         return paths.run_id
 
     @friendly

@@ -235,9 +235,8 @@ def forecast(studio: Studio, values: dict) -> str:
 
 
 def _start(studio: Studio, data, dataset, preset, method, model_box, fields, name) -> str:
-    from studio import hosting
+    from studio import launch
     from studio.config import build_config, load_preset
-    from studio.train import prepare
 
     if not data[dataset]:
         raise gr.Error("Choose a dataset first (save one in the Dataset tab).", print_exception=False)
@@ -259,9 +258,9 @@ def _start(studio: Studio, data, dataset, preset, method, model_box, fields, nam
         if chosen else {}
     cfg = build_config(None, studio.confine({**from_preset, **values}))  # shared: paths and models stay the session's own
     run_paths = studio.workspace.run(studio.workspace.new_run_id(name or cfg.method))
-    prepare(cfg, run_paths.root)  # bad input fails here, in the page, before a thread starts
-    studio.jobs.start("train", run_paths.run_id, run_paths.root,  # in ZeroGPU-sized chunks on such a Space
-                      lambda should_stop: hosting.train_job(cfg, run_paths.root, should_stop))
+    launch.check(cfg, run_paths.root)  # bad input fails here, in the page, before a thread starts
+    studio.jobs.start("train", run_paths.run_id, run_paths.root,
+                      lambda should_stop: launch.start(cfg, run_paths.root, should_stop=should_stop))
     return run_paths.run_id
 
 
@@ -270,23 +269,18 @@ def _dataset_path(studio: Studio, choice: str):
 
 
 def _resume(studio: Studio, run_id: str | None) -> str:
-    from studio import checkpoints, hosting
-    from studio.config import load_run_config
+    from studio import launch
 
     if not run_id:
         raise gr.Error("Choose the run to resume in 'Run shown'.", print_exception=False)
     paths = studio.workspace.run(run_id)
-    last = checkpoints.latest(paths)
-    if last is None:
-        raise gr.Error(f"Run '{run_id}' has no complete checkpoint to resume from; start a new run.",
-                       print_exception=False)
-    total = load_run_config(paths.config).get("steps", 0)
-    if last.step >= total:
-        raise gr.Error(f"Run '{run_id}' already finished its {total} steps; to train longer run "
-                       f"`python -m studio train --resume {paths.root} --steps N`.", print_exception=False)
+    try:
+        step = launch.check_resume(paths.root)  # the checks the resume itself makes, said in the page now
+    except StudioError as exc:
+        raise gr.Error(exc.message if hasattr(exc, "message") else str(exc), print_exception=False) from None
     studio.jobs.start("train", run_id, paths.root,
-                      lambda should_stop: hosting.train_job(None, paths.root, should_stop, resume=True))
-    return f"**{run_id}** — resuming from step {last.step}…"
+                      lambda should_stop: launch.start(None, paths.root, should_stop=should_stop, resume=True))
+    return f"**{run_id}** — resuming from step {step}…"
 
 
 def _cancel(studio: Studio):
