@@ -15,8 +15,9 @@ from studio.data import crops
 from studio.data.audit import duplicates, outliers, phash, hamming
 from studio.data.captions import find_replace, tag_caption
 from studio.data.dataset import PrepOptions, load_dataset, prepare_photos
-from studio.data.formats import export, read_source
+from studio.data.formats import export
 from studio.data.prep import CaptionOptions, caption_all, prep_folder
+from studio.data.sources import read_source
 from studio.errors import StudioError
 from tests.test_data import one_sentence
 

@@ -106,12 +106,12 @@ def audit(names: list[str], images: list[Image.Image], digests: list[str] | None
 
 
 def clip_embedder(name: str = "") -> Callable[[list[Image.Image]], np.ndarray]:
-    """The evaluation's image embedder (CLIP by id, or 'builtin'), loaded on first call, as an embed function."""
+    """A CLIP image embedder (by id, folder, or 'builtin'), loaded on first call, as an embed function."""
     state: dict[str, object] = {}
 
     def embed(images: list[Image.Image]) -> np.ndarray:
         if "model" not in state:
-            from studio.evaluate.embedders import ClipEmbedder
+            from studio.data.clip import ClipEmbedder  # torch and transformers load only when used
 
             state["model"] = ClipEmbedder(name or None)
         return state["model"].embed_images(images).cpu().numpy()

@@ -23,6 +23,7 @@ from PIL import Image
 from studio.data import crops
 from studio.data.captions import DEFAULT_TEMPLATE, render
 from studio.data.images import MIN_SIDE, WHITE, center_crop_resize, open_photo, parse_colour
+from studio.data.sources import read_source, write_metadata
 from studio import limits
 from studio.errors import StudioError
 from studio.paths import DatasetPaths, staging, swap_into_place
@@ -179,8 +180,6 @@ def save_dataset(paths: DatasetPaths, prepared: list[Prepared], captions: list[s
 
 
 def _write_and_swap(paths: DatasetPaths, tmp: DatasetPaths, prepared, captions, repeats, spec: DatasetSpec) -> DatasetSpec:
-    from studio.data.formats import write_metadata
-
     tmp.images.mkdir(parents=True)
     tmp.originals.mkdir()
     for index, (item, caption, times) in enumerate(zip(prepared, captions, repeats), start=1):
@@ -259,8 +258,6 @@ def prep_folder(src: Path, out: Path, token: str, class_word: str, resolution: i
     Captions found beside the images (kohya .txt, metadata.jsonl) are kept; other images get the template,
     or `caption_fn(prepared) -> list[str]` when given (model captioners, prefix/suffix, find/replace).
     """
-    from studio.data.formats import read_source
-
     src = Path(src)
     if src.is_file():
         raise StudioError(f"'{src}' is a file, not a folder; give the folder that holds the photos "

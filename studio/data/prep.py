@@ -56,7 +56,7 @@ def outlier_model(name: str | None) -> tuple[str | None, str]:
     if name:
         return name, ""
     from studio import models
-    from studio.evaluate.embedders import DEFAULT_CLIP
+    from studio.data.clip import DEFAULT_CLIP
 
     if models.hub_reachable():
         return DEFAULT_CLIP, ""

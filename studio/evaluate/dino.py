@@ -15,7 +15,7 @@ from pathlib import Path
 
 from studio import models
 from studio.errors import StudioError
-from studio.evaluate.embedders import _normalise
+from studio.data.clip import normalise
 from studio.paths import staging, swap_into_place
 
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -82,4 +82,4 @@ class DinoEmbedder:
         pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
         with torch.no_grad():
             cls = self.model(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0]
-        return _normalise(cls)
+        return normalise(cls)
