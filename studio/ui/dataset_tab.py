@@ -2,12 +2,19 @@
 
 Thin handlers: each turns component values into the core's options (studio.data.prep), calls one core
 function and formats its result.
+
+Wired by name (`_on`): `build` keeps its components in one dict keyed by name; a handler's parameters are
+names of that dict, and it returns a NamedTuple whose fields are names of it too. No list of components
+has to line up with an argument list, and a misspelt name fails when the page is built.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -76,9 +83,8 @@ def build(studio: Studio, default_resolution: int) -> dict:
         run_captioner = gr.Button("Caption with the model", elem_id="dataset-run-captioner")
     with gr.Accordion("Crop one image by hand", open=False):
         with gr.Row():
-            pick = gr.Dropdown([], label="Image", elem_id="dataset-crop-image")
-            box = [gr.Number(label=side, precision=0, elem_id=f"dataset-box-{side}")
-                   for side in ("left", "top", "right", "bottom")]
+            crop_image = gr.Dropdown([], label="Image", elem_id="dataset-crop-image")
+            box = {side: gr.Number(label=side, precision=0, elem_id=f"dataset-box-{side}") for side in Box._fields}
         with gr.Row():
             original = gr.Image(label="Original (click to centre the box there)", interactive=False, height=320,
                                 elem_id="dataset-crop-original")
@@ -92,27 +98,67 @@ def build(studio: Studio, default_resolution: int) -> dict:
     prepared = gr.State([])
     findings = gr.State([])
 
-    options = [crop, buckets, background, border, detector]
+    # Every component a handler reads or writes, by the name handlers use for it (see `_on`).
+    controls = dict(files=files, token=token, class_word=class_word, template=template, resolution=resolution,
+                    crop=crop, buckets=buckets, background=background, border=border, detector=detector,
+                    audit_model=audit_model, problems=problems, warnings=warnings, gallery=gallery,
+                    captions=captions, prefix=prefix, suffix=suffix, find=find, replace=replace,
+                    captioner=captioner, kind=kind, remove=remove, crop_image=crop_image, **box,
+                    original=original, preview=preview, name=name, saved=saved, prepared=prepared,
+                    findings=findings)
     # A shared studio loads detector, captioner and CLIP only by hub id, 'builtin' or the host's list.
-    prepare.click(friendly(_for(studio, _prepare)), [files, token, class_word, template, resolution, *options, audit_model],
-                  [prepared, gallery, captions, problems, findings, warnings, pick])
-    warnings.change(_dismiss, [findings, warnings], [findings, warnings], show_progress="hidden")
-    apply_text.click(friendly(_apply_text), [captions, prefix, suffix, find, replace], [captions, problems])
-    run_captioner.click(friendly(_for(studio, _run_captioner)), [prepared, captions, captioner, kind, remove, token, class_word],
-                        [captions, problems])
-    pick.change(friendly(_show_crop), [prepared, pick], [original, preview, *box], show_progress="hidden")
-    original.select(friendly(_centre_box), [prepared, pick, *box], [*box])
-    set_box.click(friendly(_set_box), [prepared, pick, *box, resolution, *options, captions],
-                  [prepared, gallery, captions, original, preview])
-    save.click(friendly(lambda *a: _save_or_say(studio, *a)),
-               [prepared, captions, name, token, class_word, resolution, template, *options], [saved])
+    _on(prepare.click, friendly(_for(studio, _prepare)), controls)
+    _on(warnings.change, _dismiss, controls, show_progress="hidden")
+    _on(apply_text.click, friendly(_apply_text), controls)
+    _on(run_captioner.click, friendly(_for(studio, _run_captioner)), controls)
+    _on(crop_image.change, friendly(_show_crop), controls, show_progress="hidden")
+    _on(original.select, friendly(_centre_box), controls)
+    _on(set_box.click, friendly(_set_box), controls)
+    _on(save.click, friendly(_for(studio, _save_or_say)), controls, output="saved")
     return {"saved": saved}
+
+
+def _on(event, handler, controls: dict[str, Any], output: str | None = None, **options) -> None:
+    """Wire `handler` to `event` by name.
+
+    Each parameter of the handler takes the value of the component of that name in `controls`, except those
+    Gradio fills itself (a `gr.Progress()` default, a `gr.SelectData` annotation). The handler returns a
+    NamedTuple whose fields name the components to update, or, with `output`, one value for that component.
+    Gradio's set-style inputs hand the wire one dict {component: value}; a returned dict {component: value}
+    updates those components. Unknown names raise here, when the page is built.
+    """
+    hints = typing.get_type_hints(handler)
+    params = inspect.signature(handler).parameters.values()
+    special = [p for p in params if isinstance(p.default, gr.Progress)
+               or (inspect.isclass(hints.get(p.name)) and issubclass(hints[p.name], gr.EventData))]
+    inputs = {p.name: controls.get(p.name) for p in params if p not in special}
+    missing = [n for n, c in inputs.items() if c is None]
+    returns = hints.get("return")
+    names = [output] if output else list(getattr(returns, "_fields", ()))
+    unknown = [n for n in names if n not in controls]
+    if missing or unknown:
+        raise TypeError(f"{handler.__name__}: no component named {', '.join(missing + unknown)}")
+    if not names:
+        raise TypeError(f"{handler.__name__} returns no NamedTuple, and no output is named")
+    outputs = {n: controls[n] for n in names}
+
+    def call(values, *filled):
+        result = handler(**{n: values[c] for n, c in inputs.items()}, **{p.name: v for p, v in zip(special, filled)})
+        if output:
+            return {outputs[output]: result}
+        return {c: getattr(result, n) for n, c in outputs.items()}
+
+    call.__name__ = handler.__name__
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter("values", inspect.Parameter.POSITIONAL_ONLY)]
+        + [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in special])
+    call.__annotations__ = {p.name: hints[p.name] for p in special if p.name in hints}
+    event(call, inputs=set(inputs.values()), outputs=list(outputs.values()), **options)
 
 
 def _for(studio: Studio, handler):
     """`handler` with the studio passed in, keeping its name and its signature without `studio` (Gradio reads
     both: it passes its gr.Progress by position, so a `studio` left in the signature took a second value)."""
-    import inspect
 
     @functools.wraps(handler)
     def bound(*args, **kwargs):
@@ -136,8 +182,19 @@ def _upload_paths(files) -> list[tuple[Path, str]]:
     return [(p, p.name) for p in paths]
 
 
+class PhotosPrepared(NamedTuple):
+    prepared: list  # studio.data.prep.Prepared, one per kept photo
+    gallery: list
+    captions: list[list]
+    problems: str
+    findings: list  # studio.data.audit.Finding
+    warnings: Any  # gr.update of the warnings' choices
+    crop_image: Any  # gr.update of the dropdown of images to crop
+
+
 def _prepare(files, token, class_word, template, resolution, crop="subject", buckets=False, background="#ffffff",
-             border="#ffffff", detector="", audit_model="", progress=gr.Progress(), studio: Studio | None = None):
+             border="#ffffff", detector="", audit_model="", progress=gr.Progress(),
+             studio: Studio | None = None) -> PhotosPrepared:
     from studio import limits
     from studio.data import prep
     from studio.data.formats import pair_uploads
@@ -159,8 +216,8 @@ def _prepare(files, token, class_word, template, resolution, crop="subject", buc
     found, note = prep.audit_prepared(items, audit_model)
     lines = [f"- {p}" for p in problems] + [f"- {i.note}" for i in items if i.note] + ([f"- {note}"] if note else [])
     header = f"**{len(problems)} file(s) skipped, {len(items)} kept:**\n" if problems else ""
-    return (items, _gallery(items), _rows(items, texts), header + "\n".join(lines), found,
-            _warnings_update(found), gr.update(choices=[i.source for i in items], value=None))
+    return PhotosPrepared(items, _gallery(items), _rows(items, texts), header + "\n".join(lines), found,
+                          _warnings_update(found), gr.update(choices=[i.source for i in items], value=None))
 
 
 def _gallery(items) -> list:
@@ -180,11 +237,17 @@ def _warnings_update(found):
     return gr.update(choices=[(f.message, f.key) for f in found], value=[], visible=bool(found))
 
 
-def _dismiss(found, ticked):
-    if not ticked:
-        return gr.update(), gr.update()
-    left = [f for f in found if f.key not in set(ticked)]
-    return left, _warnings_update(left)
+class Dismissed(NamedTuple):
+    findings: Any
+    warnings: Any
+
+
+def _dismiss(findings, warnings) -> Dismissed:
+    """`warnings`: the keys of the findings just ticked, which are dismissed."""
+    if not warnings:
+        return Dismissed(gr.update(), gr.update())
+    left = [f for f in findings if f.key not in set(warnings)]
+    return Dismissed(left, _warnings_update(left))
 
 
 def _table(captions) -> list[list]:
@@ -195,7 +258,12 @@ def _table(captions) -> list[list]:
     return [list(r) for r in captions]
 
 
-def _apply_text(captions, prefix, suffix, find, replace):
+class Captioned(NamedTuple):
+    captions: list[list]
+    problems: str
+
+
+def _apply_text(captions, prefix, suffix, find, replace) -> Captioned:
     from studio.data.captions import affix, find_replace
 
     rows = _table(captions)
@@ -208,23 +276,23 @@ def _apply_text(captions, prefix, suffix, find, replace):
         changed = f" '{find}' was replaced in {count} caption(s)."
     for row, text in zip(rows, texts):
         row[CAPTION] = text
-    return rows, f"Updated {len(rows)} caption(s).{changed}"
+    return Captioned(rows, f"Updated {len(rows)} caption(s).{changed}")
 
 
-def _run_captioner(prepared, captions, model_id, kind, remove, token, class_word, progress=gr.Progress(),
-                   studio: Studio | None = None):
+def _run_captioner(prepared, captions, captioner, kind, remove, token, class_word, progress=gr.Progress(),
+                   studio: Studio | None = None) -> Captioned:
     from studio.data.prep import CaptionOptions, caption_all
 
     if not prepared:
         raise gr.Error("There are no prepared photos to caption; press Prepare first.", print_exception=False)
     if studio is not None:
-        model_id = studio.user_model(model_id, "the captioner model")
-    opts = CaptionOptions(captioner=model_id or "", captioner_kind=kind or "caption", remove_tags=remove or "")
+        captioner = studio.user_model(captioner, "the captioner model")
+    opts = CaptionOptions(captioner=captioner or "", captioner_kind=kind or "caption", remove_tags=remove or "")
     texts = caption_all(prepared, token, class_word, opts, lambda i, n: progress((i, n), desc="Captioning"))
     rows = _table(captions) or _rows(prepared, texts)
     for row, text in zip(rows, texts):
         row[CAPTION] = text
-    return rows, f"Captioned {len(texts)} image(s) with '{model_id}'."
+    return Captioned(rows, f"Captioned {len(texts)} image(s) with '{captioner}'.")
 
 
 def _find(prepared, source):
@@ -234,11 +302,28 @@ def _find(prepared, source):
     return item
 
 
-def _show_crop(prepared, source):
-    if not source:
-        return None, None, *[gr.update()] * 4
-    item = _find(prepared, source)
-    return _outline(item, item.crop), item.image, *item.crop
+class Box(NamedTuple):
+    left: Any
+    top: Any
+    right: Any
+    bottom: Any
+
+
+class CropShown(NamedTuple):
+    original: Any
+    preview: Any
+    left: Any
+    top: Any
+    right: Any
+    bottom: Any
+
+
+def _show_crop(prepared, crop_image) -> CropShown:
+    """`crop_image`: the source name of the image picked to crop."""
+    if not crop_image:
+        return CropShown(None, None, *[gr.update()] * 4)
+    item = _find(prepared, crop_image)
+    return CropShown(_outline(item, item.crop), item.image, *item.crop)
 
 
 def _outline(item, box):
@@ -247,20 +332,28 @@ def _outline(item, box):
     return crop_outline(item, box, SHOWN_SIDE)
 
 
-def _centre_box(prepared, source, left, top, right, bottom, evt: gr.SelectData):
+def _centre_box(prepared, crop_image, left, top, right, bottom, evt: gr.SelectData) -> Box:
     """A click on the shown original moves the box's centre there, keeping its size."""
-    item = _find(prepared, source)
+    item = _find(prepared, crop_image)
     scale = min(1.0, SHOWN_SIDE / max(item.original_size))
     x, y = evt.index[0] / scale, evt.index[1] / scale
     w, h = (right or 0) - (left or 0), (bottom or 0) - (top or 0)
-    return round(x - w / 2), round(y - h / 2), round(x + w / 2), round(y + h / 2)
+    return Box(round(x - w / 2), round(y - h / 2), round(x + w / 2), round(y + h / 2))
 
 
-def _set_box(prepared, source, left, top, right, bottom, resolution, crop, buckets, background, border, detector,
-             captions):
+class Recropped(NamedTuple):
+    prepared: list
+    gallery: list
+    captions: list[list]
+    original: Any
+    preview: Any
+
+
+def _set_box(prepared, crop_image, left, top, right, bottom, resolution, crop, buckets, background, border, detector,
+             captions) -> Recropped:
     from studio.data.prep import recrop
 
-    item = _find(prepared, source)
+    item = _find(prepared, crop_image)
     options = _options(crop, buckets, background, border, detector)
     new = recrop(item, int(resolution), options, "manual", (left, top, right, bottom))
     items = [new if p is item else p for p in prepared]
@@ -269,19 +362,23 @@ def _set_box(prepared, source, left, top, right, bottom, resolution, crop, bucke
     table = _rows(items, texts)
     for row, old in zip(table, rows):
         row[REPEATS] = old[REPEATS]
-    return items, _gallery(items), table, _outline(new, new.crop), new.image
+    return Recropped(items, _gallery(items), table, _outline(new, new.crop), new.image)
 
 
-def _save_or_say(studio: Studio, *args) -> str:
-    """Save; a refusal stays beside the Save button (and shows as a toast), not only in a fading toast."""
+def _said(save):
+    """`save`, with a refusal kept beside the Save button (and shown as a toast), not only in a fading toast."""
     from studio.errors import StudioError
 
-    try:
-        return _save(studio, *args)
-    except (gr.Error, StudioError) as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        gr.Warning(message)
-        return f"**Not saved:** {message}"
+    @functools.wraps(save)
+    def said(*args, **kwargs) -> str:
+        try:
+            return save(*args, **kwargs)
+        except (gr.Error, StudioError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            gr.Warning(message)
+            return f"**Not saved:** {message}"
+
+    return said
 
 
 def _save(studio: Studio, prepared, captions, name, token, class_word, resolution, template, crop="subject",
@@ -309,6 +406,9 @@ def _save(studio: Studio, prepared, captions, name, token, class_word, resolutio
         line += (f"\n\n**Note:** {len(spec.items)} images is more than the {FEWEST}–{MOST} this tab asks for; "
                  "training takes longer to see each one.")
     return line
+
+
+_save_or_say = _said(_save)
 
 
 def _whole(value) -> int:
